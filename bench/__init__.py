@@ -1,0 +1,1 @@
+"""Stage 4: benchmarks. Each script here measures and prints a table, then one JSON line."""

@@ -1,0 +1,258 @@
+"""Typed configuration for distillation: the student's shape and the training run. Imports without torch."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgedistill.errors import EdgeDistillError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+# Student presets, as a fraction of the teacher's parameter count. Source: the seed document's size table
+# (MiniMind 104M teacher -> Small 26M, Tiny 13M, Nano 6.5M), i.e. 1/4, 1/8 and 1/16 of the teacher.
+STUDENT_PRESETS: dict[str, dict[str, Any]] = {
+    "small": dict(fraction=1 / 4),  # seed: MiniMind-Small, 26M of 104M
+    "tiny": dict(fraction=1 / 8),  # seed: MiniMind-Tiny, 13M of 104M
+    "nano": dict(fraction=1 / 16),  # seed: MiniMind-Nano, 6.5M of 104M
+}
+# A preset shape counts as a match when its parameter count is within this share of the target.
+PRESET_TOLERANCE = 0.05
+
+SHAPE_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size")
+
+
+@dataclass(frozen=True)
+class StudentShape:
+    """The shape of a Llama-architecture student; vocabulary, RoPE and norms come from the teacher."""
+
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    intermediate_size: int
+
+    def __post_init__(self) -> None:
+        for name in SHAPE_FIELDS:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise EdgeDistillError(f"student shape: field '{name}' must be a positive integer, got {value!r}")
+        if self.hidden_size % self.num_attention_heads:
+            raise EdgeDistillError(
+                f"student shape: hidden_size {self.hidden_size} is not divisible by "
+                f"num_attention_heads {self.num_attention_heads}"
+            )
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise EdgeDistillError(
+                f"student shape: num_attention_heads {self.num_attention_heads} is not divisible by "
+                f"num_key_value_heads {self.num_key_value_heads}"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def parameter_count(self, vocab_size: int) -> int:
+        """Parameters of a LlamaForCausalLM of this shape with tied embeddings and no biases."""
+        h, kv = self.hidden_size, self.num_key_value_heads * self.head_dim
+        per_layer = 2 * h * h + 2 * h * kv + 3 * h * self.intermediate_size + 2 * h  # q,o + k,v + mlp + 2 norms
+        return vocab_size * h + self.num_hidden_layers * per_layer + h
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> StudentShape:
+        """Read a shape from a JSON or TOML file holding exactly the fields in ``SHAPE_FIELDS``."""
+        data = load_mapping(path)
+        unknown = sorted(set(data) - set(SHAPE_FIELDS))
+        missing = [name for name in SHAPE_FIELDS if name not in data]
+        if unknown:
+            raise EdgeDistillError(f"{path}: unknown student shape field '{unknown[0]}' (expected {', '.join(SHAPE_FIELDS)})")
+        if missing:
+            raise EdgeDistillError(f"{path}: student shape field '{missing[0]}' is missing")
+        try:
+            return cls(**data)
+        except EdgeDistillError as err:
+            raise EdgeDistillError(f"{path}: {err}") from None
+
+
+def load_mapping(path: str | Path) -> dict[str, Any]:
+    """Load a JSON or TOML file that must hold a table; errors name the file and, for JSON, the line."""
+    path = Path(path)
+    if not path.is_file():
+        raise EdgeDistillError(f"{path}: no such file")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise EdgeDistillError(f"{path}:{err.lineno}: invalid JSON: {err.msg}") from None
+    elif path.suffix.lower() == ".toml":
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as err:
+            raise EdgeDistillError(f"{path}: invalid TOML: {err}") from None
+    else:
+        raise EdgeDistillError(f"{path}: expected a .json or .toml file")
+    if not isinstance(data, dict):
+        raise EdgeDistillError(f"{path}: expected a table of fields, got {type(data).__name__}")
+    return data
+
+
+def solve_preset_shape(
+    preset: str,
+    *,
+    teacher_params: int,
+    vocab_size: int,
+    teacher_hidden: int,
+    teacher_layers: int,
+    teacher_heads: int,
+    teacher_kv_heads: int,
+    teacher_intermediate: int,
+) -> StudentShape:
+    """The student shape for a preset: about ``fraction`` of the teacher's parameters, Llama-style proportions.
+
+    The search keeps the teacher's head size and FFN ratio, tries every width that is a multiple of the head size
+    up to the teacher's and the depth that best meets the target at that width, and among the shapes within
+    ``PRESET_TOLERANCE`` of the target picks the one whose depth-to-width ratio is closest to the teacher's
+    (so a student is neither a one-layer giant embedding nor a 100-layer thread). With none within tolerance it
+    takes the closest count.
+    """
+    if preset not in STUDENT_PRESETS:
+        raise EdgeDistillError(
+            f"unknown student preset '{preset}' (expected one of {', '.join(STUDENT_PRESETS)} or a .json/.toml shape file)"
+        )
+    target = teacher_params * STUDENT_PRESETS[preset]["fraction"]
+    head_dim = teacher_hidden // teacher_heads
+    kv_ratio = teacher_kv_heads / teacher_heads
+    ffn_ratio = teacher_intermediate / teacher_hidden
+    teacher_aspect = teacher_layers / teacher_hidden
+    candidates: list[tuple[float, float, StudentShape]] = []
+    for heads in range(1, teacher_heads + 1):
+        hidden = heads * head_dim
+        kv_heads = max(d for d in range(1, heads + 1) if heads % d == 0 and d <= max(1, round(heads * kv_ratio)))
+        ffn = max(16, int(round(hidden * ffn_ratio / 16)) * 16)
+        one_layer = StudentShape(hidden, 1, heads, kv_heads, ffn)
+        base = vocab_size * hidden + hidden
+        per_layer = one_layer.parameter_count(vocab_size) - base
+        layers = min(teacher_layers, max(1, round((target - base) / per_layer)))
+        shape = dataclasses.replace(one_layer, num_hidden_layers=layers)
+        error = abs(math.log(shape.parameter_count(vocab_size) / target))
+        aspect_gap = abs(math.log((layers / hidden) / teacher_aspect))
+        candidates.append((error, aspect_gap, shape))
+    within = [c for c in candidates if c[0] <= math.log1p(PRESET_TOLERANCE)]
+    if within:
+        return min(within, key=lambda c: c[1])[2]
+    return min(candidates, key=lambda c: c[0])[2]
+
+
+LOSSES = ("fkl", "rkl", "jsd", "skl", "srkl")
+INITS = ("random", "teacher")
+TEACHER_DTYPES = ("auto", "float32", "bfloat16")
+
+
+@dataclass
+class TrainConfig:
+    """One distillation run. Every field is also a CLI flag (``--field-name``) and a key of ``--config FILE``."""
+
+    out: str = ""
+    teacher: str = "smollm2-135m"
+    student: str = "tiny"
+    init: str = "random"
+    data: list[str] = field(default_factory=list)  # empty: the embedded default corpus
+    alpha: float = 0.5  # seed: MiniMind's default
+    temperature: float = 1.0  # seed: MiniMind's train_distillation.py default
+    loss: str = "fkl"
+    jsd_beta: float = 0.5
+    skew: float = 0.1  # DistiLLM's skew
+    tag_weight: float = 10.0  # seed: train_distill_reason.py up-weights the reasoning tags 10x
+    # MiniMind's 5e-6 fine-tunes a pretrained student; a randomly initialised student needs a far larger rate.
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1  # cosine down to 10 % of the peak, as MiniMind
+    warmup_steps: int = -1  # -1: 5 % of the steps
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    steps: int = 200
+    batch_size: int = 8
+    seq_len: int = 256
+    grad_accum: int = 1
+    seed: int = 0
+    device: str = "auto"
+    teacher_dtype: str = "auto"
+    threads: int = 0  # 0: torch's default
+    resume: bool = False
+    save_every: int = 50
+    val_fraction: float = 0.1
+    eval_tokens: int = 0  # 0: all held-out tokens
+    skip_bad_lines: bool = False
+    log_every: int = 1
+
+    def __post_init__(self) -> None:
+        def bad(name: str, expected: str) -> EdgeDistillError:
+            return EdgeDistillError(f"{name}: expected {expected}, got {getattr(self, name)!r}")
+
+        if isinstance(self.data, str):
+            self.data = [self.data]
+        if not 0.0 <= self.alpha <= 1.0:
+            raise bad("alpha", "a number in [0, 1]")
+        if not self.temperature > 0:
+            raise bad("temperature", "a positive number")
+        if self.loss not in LOSSES:
+            raise bad("loss", f"one of {', '.join(LOSSES)}")
+        if self.init not in INITS:
+            raise bad("init", f"one of {', '.join(INITS)}")
+        if self.teacher_dtype not in TEACHER_DTYPES:
+            raise bad("teacher_dtype", f"one of {', '.join(TEACHER_DTYPES)}")
+        if not 0.0 <= self.jsd_beta <= 1.0:
+            raise bad("jsd_beta", "a number in [0, 1]")
+        if not 0.0 <= self.skew < 1.0:
+            raise bad("skew", "a number in [0, 1)")
+        if self.tag_weight < 0:
+            raise bad("tag_weight", "a non-negative number")
+        if not self.lr > 0:
+            raise bad("lr", "a positive number")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise bad("min_lr_ratio", "a number in [0, 1]")
+        for name in ("steps", "batch_size", "seq_len", "grad_accum", "save_every", "log_every"):
+            if getattr(self, name) <= 0:
+                raise bad(name, "a positive integer")
+        if self.threads < 0 or self.eval_tokens < 0:
+            raise bad("threads" if self.threads < 0 else "eval_tokens", "a non-negative integer")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise bad("val_fraction", "a number in (0, 1)")
+        if self.grad_clip < 0:
+            raise bad("grad_clip", "a non-negative number (0 disables clipping)")
+
+    @property
+    def warmup(self) -> int:
+        return self.warmup_steps if self.warmup_steps >= 0 else max(1, self.steps // 20)
+
+    @classmethod
+    def from_sources(cls, config_file: str | None, overrides: dict[str, Any]) -> TrainConfig:
+        """Defaults, then the config file's keys, then explicit flags; unknown keys in the file are errors."""
+        values: dict[str, Any] = {}
+        if config_file:
+            names = {f.name for f in dataclasses.fields(cls)}
+            for key, value in load_mapping(config_file).items():
+                name = key.replace("-", "_")
+                if name not in names:
+                    raise EdgeDistillError(f"{config_file}: unknown setting '{key}'")
+                values[name] = value
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        types = {f.name: f.type for f in dataclasses.fields(cls)}
+        for name, value in values.items():
+            expected = types[name]
+            if expected == "float" and isinstance(value, int) and not isinstance(value, bool):
+                values[name] = float(value)
+            elif expected in ("int", "float", "str", "bool") and type(value).__name__ != expected:
+                raise EdgeDistillError(f"{name}: expected a {expected}, got {value!r}")
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

