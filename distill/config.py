@@ -73,7 +73,9 @@ class StudentShape:
         unknown = sorted(set(data) - set(SHAPE_FIELDS))
         missing = [name for name in SHAPE_FIELDS if name not in data]
         if unknown:
-            raise EdgeDistillError(f"{path}: unknown student shape field '{unknown[0]}' (expected {', '.join(SHAPE_FIELDS)})")
+            raise EdgeDistillError(
+                f"{path}: unknown student shape field '{unknown[0]}' (expected {', '.join(SHAPE_FIELDS)})"
+            )
         if missing:
             raise EdgeDistillError(f"{path}: student shape field '{missing[0]}' is missing")
         try:
@@ -126,7 +128,8 @@ def solve_preset_shape(
     """
     if preset not in STUDENT_PRESETS:
         raise EdgeDistillError(
-            f"unknown student preset '{preset}' (expected one of {', '.join(STUDENT_PRESETS)} or a .json/.toml shape file)"
+            f"unknown student preset '{preset}' "
+            f"(expected one of {', '.join(STUDENT_PRESETS)} or a .json/.toml shape file)"
         )
     target = teacher_params * STUDENT_PRESETS[preset]["fraction"]
     head_dim = teacher_hidden // teacher_heads

@@ -113,7 +113,9 @@ def _parse_json_line(line: str) -> Record:
         if not isinstance(message, dict) or not isinstance(message.get("content"), str):
             raise ValueError(f'"{key}"[{index}] must be an object with a string "content"')
         if message.get("role") not in CHAT_ROLES:
-            raise ValueError(f'"{key}"[{index}].role must be one of {", ".join(CHAT_ROLES)}, got {message.get("role")!r}')
+            raise ValueError(
+                f'"{key}"[{index}].role must be one of {", ".join(CHAT_ROLES)}, got {message.get("role")!r}'
+            )
     if not any(m["role"] == "assistant" for m in messages):
         raise ValueError(f'"{key}" has no assistant message, so nothing to learn from')
     return Record("", messages=[{"role": m["role"], "content": m["content"]} for m in messages])
@@ -146,7 +148,9 @@ def read_records(path: Path, stats: DataStats, skip_bad_lines: bool) -> Iterator
                     record = _parse_json_line(line)
                 except ValueError as err:
                     if not skip_bad_lines:
-                        raise EdgeDistillError(f"{path}:{number}: {err} (use --skip-bad-lines to skip such lines)") from None
+                        raise EdgeDistillError(
+                            f"{path}:{number}: {err} (use --skip-bad-lines to skip such lines)"
+                        ) from None
                     stats.bad_lines += 1
                     if len(stats.bad_examples) < 5:
                         stats.bad_examples.append(f"{path}:{number}: {err}")
@@ -179,7 +183,9 @@ def _render_chat(tokenizer: Any, record: Record) -> tuple[str, list[tuple[int, i
     """The rendered conversation and the character spans of its assistant turns (through end-of-turn)."""
     messages = record.messages or []
     if not getattr(tokenizer, "chat_template", None):
-        raise EdgeDistillError(f"{record.where}: a chat record needs a chat template, and the teacher's tokenizer has none")
+        raise EdgeDistillError(
+            f"{record.where}: a chat record needs a chat template, and the teacher's tokenizer has none"
+        )
     try:
         full = tokenizer.apply_chat_template(messages, tokenize=False)
         spans = []
@@ -189,7 +195,9 @@ def _render_chat(tokenizer: Any, record: Record) -> tuple[str, list[tuple[int, i
             before = tokenizer.apply_chat_template(messages[:index], tokenize=False, add_generation_prompt=True)
             through = tokenizer.apply_chat_template(messages[: index + 1], tokenize=False)
             if not (full.startswith(through) and through.startswith(before)):
-                raise ValueError("the chat template does not render this conversation's turns as prefixes of each other")
+                raise ValueError(
+                    "the chat template does not render this conversation's turns as prefixes of each other"
+                )
             spans.append((len(before), len(through)))
     except Exception as err:  # jinja raises TemplateError subclasses for templates that reject a conversation
         raise EdgeDistillError(f"{record.where}: cannot render the conversation ({err})") from None

@@ -14,6 +14,7 @@ the supervised rows when most are unsupervised: a full-vocabulary softmax over r
 from __future__ import annotations
 
 import math
+
 import torch
 import torch.nn.functional as F
 
@@ -126,7 +127,10 @@ def reverse_kl(student_logits: Tensor, teacher_logits: Tensor, weights: Tensor |
 
 
 def generalized_jsd(
-    student_logits: Tensor, teacher_logits: Tensor, weights: Tensor | None = None, temperature: float = 1.0,
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    weights: Tensor | None = None,
+    temperature: float = 1.0,
     beta: float = 0.5,
 ) -> Tensor:
     """T² · generalized JSD with mixing weight ``beta`` (see :func:`divergence`). Logits: [N, V]; -> scalar."""
@@ -134,7 +138,10 @@ def generalized_jsd(
 
 
 def skew_kl(
-    student_logits: Tensor, teacher_logits: Tensor, weights: Tensor | None = None, temperature: float = 1.0,
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    weights: Tensor | None = None,
+    temperature: float = 1.0,
     skew: float = 0.1,
 ) -> Tensor:
     """T² · skew forward KL (see :func:`divergence`). Logits: [N, V]; -> scalar."""
@@ -142,7 +149,10 @@ def skew_kl(
 
 
 def skew_reverse_kl(
-    student_logits: Tensor, teacher_logits: Tensor, weights: Tensor | None = None, temperature: float = 1.0,
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    weights: Tensor | None = None,
+    temperature: float = 1.0,
     skew: float = 0.1,
 ) -> Tensor:
     """T² · skew reverse KL (see :func:`divergence`). Logits: [N, V]; -> scalar."""
@@ -181,3 +191,105 @@ def distillation_loss(
     teacher = _log_probs(teacher_logits, temperature)
     kd = temperature**2 * _reduce(_ROWS[name](student, teacher, beta=beta, skew=skew), weights)
     return mix(ce, kd, alpha), ce, kd
+
+
+def chunk_rows(vocab_size: int, budget_bytes: int = 64 << 20) -> int:
+    """Positions per chunk so that one [chunk, V] float32 tensor stays within ``budget_bytes`` (64 MiB)."""
+    return max(16, budget_bytes // (4 * vocab_size))
+
+
+class _ChunkedDistillation(torch.autograd.Function):
+    """Loss and its gradients computed chunk by chunk in the forward pass (the idea of Liger Kernel's fused
+    linear losses): no [N, V] logits, probabilities or gradients of the whole batch ever exist at once, only those
+    of one chunk. The per-chunk math is :func:`distillation_loss`, differentiated by autograd."""
+
+    @staticmethod
+    def forward(
+        ctx, hidden, head_weight, teacher_hidden, teacher_head_weight, teacher_logits, labels, weights, options
+    ):
+        alpha, temperature, name, beta, skew, chunk = options
+        supervised = (weights > 0).to(torch.int64)
+        count = max(1, int(supervised.sum()))
+        grad_hidden = torch.zeros_like(hidden)
+        grad_weight = torch.zeros_like(head_weight)
+        sums = torch.zeros(3, dtype=torch.promote_types(hidden.dtype, torch.float32), device=hidden.device)
+        weight = head_weight.detach().requires_grad_(True)
+        for start in range(0, hidden.shape[0], chunk):
+            rows = slice(start, start + chunk)
+            share = int(supervised[rows].sum()) / count  # chunk losses are means over the chunk's positions
+            if share == 0:
+                continue
+            piece = hidden[rows].detach().requires_grad_(True)
+            with torch.enable_grad():
+                student_logits = F.linear(piece, weight)
+                if teacher_logits is not None:
+                    chunk_teacher = teacher_logits[rows]
+                elif teacher_hidden is not None:
+                    chunk_teacher = F.linear(teacher_hidden[rows], teacher_head_weight)
+                else:
+                    chunk_teacher = None
+                vocab = (
+                    student_logits.shape[-1]
+                    if chunk_teacher is None
+                    else min(student_logits.shape[-1], chunk_teacher.shape[-1])
+                )
+                total, ce, kd = distillation_loss(
+                    student_logits[:, :vocab],
+                    None if chunk_teacher is None else chunk_teacher[:, :vocab],
+                    labels[rows],
+                    weights[rows],
+                    alpha,
+                    temperature,
+                    name,
+                    beta,
+                    skew,
+                )
+                grad_piece, grad_chunk_weight = torch.autograd.grad(total * share, (piece, weight))
+            grad_hidden[rows] = grad_piece
+            grad_weight += grad_chunk_weight
+            kd_value = kd.detach() if kd is not None else ce.new_zeros(())
+            sums += share * torch.stack([total.detach(), ce.detach(), kd_value])
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ce, kd = sums[1].clone(), sums[2].clone()
+        ctx.mark_non_differentiable(ce, kd)
+        return sums[0].clone(), ce, kd
+
+    @staticmethod
+    def backward(ctx, grad_total, grad_ce, grad_kd):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return grad_hidden * grad_total, grad_weight * grad_total, None, None, None, None, None, None
+
+
+def chunked_distillation_loss(
+    hidden: Tensor,
+    head_weight: Tensor,
+    labels: Tensor,
+    weights: Tensor | None = None,
+    teacher_hidden: Tensor | None = None,
+    teacher_head_weight: Tensor | None = None,
+    teacher_logits: Tensor | None = None,
+    alpha: float = 0.5,
+    temperature: float = 1.0,
+    name: str = "fkl",
+    beta: float = 0.5,
+    skew: float = 0.1,
+    chunk: int | None = None,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """:func:`distillation_loss` from the LM heads' inputs, computed in chunks of positions; returns
+    ``(total, ce, kd)``, with gradients flowing from ``total`` into ``hidden`` and ``head_weight`` only.
+
+    ``hidden``: [N, H] student hidden states at the supervised positions; ``head_weight``: [V, H] the student's LM
+    head (tied embedding); the teacher is either ``teacher_hidden`` [N, Ht] with ``teacher_head_weight`` [Vt, Ht], or
+    full ``teacher_logits`` [N, Vt], or nothing when ``alpha == 1``; ``labels``, ``weights``: [N]. Logits are cut
+    to the rows both vocabularies share. ``chunk`` positions at a time (default: :func:`chunk_rows`).
+    """
+    if weights is None:
+        weights = torch.ones(labels.shape, dtype=torch.float32, device=labels.device)
+    if alpha < 1.0 and teacher_logits is None and teacher_hidden is None:
+        raise ValueError("chunked_distillation_loss: a teacher is required when alpha < 1")
+    options = (alpha, temperature, name, beta, skew, chunk or chunk_rows(head_weight.shape[0]))
+    total, ce, kd = _ChunkedDistillation.apply(
+        hidden, head_weight, teacher_hidden, teacher_head_weight, teacher_logits, labels, weights, options
+    )
+    has_teacher = teacher_logits is not None or teacher_hidden is not None
+    return total, ce, (kd if has_teacher else None)

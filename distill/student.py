@@ -132,7 +132,9 @@ def audit_vocab(tokenizer: Any, teacher_rows: int, student_rows: int, student_to
     """
     size = len(tokenizer)
     if teacher_rows < size:
-        raise EdgeDistillError(f"vocabulary: the teacher's tokenizer has {size} tokens but its model only {teacher_rows} rows")
+        raise EdgeDistillError(
+            f"vocabulary: the teacher's tokenizer has {size} tokens but its model only {teacher_rows} rows"
+        )
     if student_rows < size:
         raise EdgeDistillError(
             f"vocabulary mismatch: the student has {student_rows} output rows, the teacher's tokenizer {size} tokens"
@@ -144,6 +146,7 @@ def audit_vocab(tokenizer: Any, teacher_rows: int, student_rows: int, student_to
             token, index = differing[0]
             raise EdgeDistillError(
                 f"vocabulary mismatch: teacher and student tokenizers differ ({len(teacher_vocab)} vs "
-                f"{len(student_vocab)} tokens; first difference: {token!r} -> {index}); distillation needs one vocabulary"
+                f"{len(student_vocab)} tokens; first difference: {token!r} -> {index}); "
+                "distillation needs one vocabulary"
             )
     return VocabAudit(size, teacher_rows, student_rows)

@@ -38,8 +38,10 @@ class TeacherSource:
 
     def fingerprint(self) -> str:
         """sha256 of the teacher's weights file(s), so a run records exactly which teacher it learned from."""
-        files = [self.path] if self.kind == "gguf" else sorted(self.path.glob("*.safetensors")) or sorted(
-            self.path.glob("*.bin")
+        files = (
+            [self.path]
+            if self.kind == "gguf"
+            else sorted(self.path.glob("*.safetensors")) or sorted(self.path.glob("*.bin"))
         )
         digest = hashlib.sha256()
         for file in files:
@@ -113,7 +115,9 @@ def load_config(source: TeacherSource) -> Any:
             return AutoConfig.from_pretrained(str(source.path.parent), gguf_file=source.path.name)
         return AutoConfig.from_pretrained(str(source.path))
     except Exception as err:
-        raise EdgeDistillError(f"{source.path}: cannot read the model configuration ({type(err).__name__}: {err})") from None
+        raise EdgeDistillError(
+            f"{source.path}: cannot read the model configuration ({type(err).__name__}: {err})"
+        ) from None
 
 
 def load_model(source: TeacherSource, dtype: Any = None, device: str = "cpu") -> Any:

@@ -44,13 +44,26 @@ StepHook = Callable[[int, dict[str, float]], None]
 
 
 # ----------------------------------------------------------------------------------------------------------- helpers
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def publish(tmp: str | Path, path: Path) -> None:
+    """Rename a finished temporary file onto its final name, with the permissions a plain ``open`` would give
+    (``mkstemp`` creates files readable by the owner only)."""
+    os.chmod(tmp, 0o666 & ~_umask())
+    os.replace(tmp, path)
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file and a rename: never a half-written file."""
     handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as out:
             out.write(text)
-        os.replace(tmp, path)
+        publish(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -108,42 +121,6 @@ class _Distributed:
             dist.destroy_process_group()
 
 
-def _supervised_logits_module() -> Any:
-    import torch
-
-    class SupervisedLogits(torch.nn.Module):
-        """Logits of a causal LM at the supervised positions only: the LM head (the widest matmul) skips the rest.
-
-        ``input_ids``: [B, L]; ``positions``: [N] indices into the flattened [B * L]; returns [N, V].
-        """
-
-        def __init__(self, model: Any) -> None:
-            super().__init__()
-            self.model = model
-            # Models that post-process logits (Gemma 2's soft-capping) go through their own forward.
-            self.direct = getattr(model.config, "final_logit_softcapping", None) is None
-
-        def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-            if not self.direct:
-                logits = self.model(input_ids=input_ids).logits
-                return logits.reshape(-1, logits.shape[-1])[positions]
-            base = getattr(self.model, self.model.base_model_prefix)
-            hidden = base(input_ids=input_ids).last_hidden_state
-            return self.model.get_output_embeddings()(hidden.reshape(-1, hidden.shape[-1])[positions])
-
-    return SupervisedLogits
-
-
-def _teacher_dtype(config: TrainConfig, device: Any) -> Any:
-    import torch
-
-    if config.teacher_dtype == "float32":
-        return torch.float32
-    if config.teacher_dtype == "bfloat16":
-        return torch.bfloat16
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
-
-
 def _lr_lambda(config: TrainConfig) -> Callable[[int], float]:
     """Linear warm-up, then cosine decay to ``min_lr_ratio`` of the peak (MiniMind decays to 10 %)."""
 
@@ -191,18 +168,68 @@ def _batch(data: PackedData, rows: list[int] | slice, device: Any) -> tuple[Any,
     return ids[:, :-1].to(device), positions.to(device), labels.to(device), weights[positions].to(device)
 
 
+def make_optimizer(student: Any, config: TrainConfig) -> tuple[Any, Any]:
+    """AdamW (no weight decay on norms) and the warm-up + cosine schedule."""
+    import torch
+
+    decay = [p for p in student.parameters() if p.ndim >= 2]
+    no_decay = [p for p in student.parameters() if p.ndim < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=config.lr,
+        betas=(0.9, 0.95),
+    )
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config))
+
+
+def train_step(
+    objective: Any,
+    teacher_head: Any,
+    micro_batches: list[tuple[Any, Any, Any, Any]],
+    optimizer: Any,
+    scheduler: Any,
+    grad_clip: float,
+) -> tuple[list[float], float]:
+    """One optimizer step over ``micro_batches`` (gradient accumulation); returns ([loss, ce, kd] means, grad norm).
+
+    ``objective`` (a :class:`DistillationObjective`, possibly inside DistributedDataParallel) returns the loss;
+    gradients are all-reduced on the last micro-batch only. ``teacher_head`` is None for CE-only training.
+    """
+    import torch
+
+    from edgedistill.distill.heads import teacher_signal
+
+    sums = [0.0, 0.0, 0.0]
+    count = len(micro_batches)
+    for index, (inputs, positions, labels, weights) in enumerate(micro_batches):
+        teacher = teacher_signal(teacher_head, inputs, positions)
+        defer_sync = index < count - 1 and hasattr(objective, "no_sync")
+        with objective.no_sync() if defer_sync else contextlib.nullcontext():
+            loss, ce, kd = objective(inputs, positions, labels, weights, teacher)
+            (loss / count).backward()
+        sums[0] += loss.item() / count
+        sums[1] += ce.item() / count
+        sums[2] += (kd.item() if kd is not None else 0.0) / count
+    grad_norm = torch.nn.utils.clip_grad_norm_(objective.parameters(), grad_clip or float("inf"))
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return sums, float(grad_norm)
+
+
 # ----------------------------------------------------------------------------------------------------------- evaluation
-def evaluate(student: Any, teacher: Any, data: PackedData, audit: VocabAudit, batch_size: int, device: Any,
-             max_tokens: int = 0) -> dict[str, float]:
+def evaluate(
+    student: Any, teacher: Any, data: PackedData, audit: VocabAudit, batch_size: int, device: Any, max_tokens: int = 0
+) -> dict[str, float]:
     """Held-out cross-entropy (every supervised token weighs 1), perplexity, forward KL (T = 1) to the teacher and
     top-1 agreement with the teacher, over up to ``max_tokens`` supervised tokens (0: all)."""
     import torch
 
+    from edgedistill.distill.heads import SupervisedLogits, autocast
     from edgedistill.distill.losses import divergence
 
-    head = _supervised_logits_module()
-    student_head = head(student).eval()
-    teacher_head = head(teacher).eval() if teacher is not None else None
+    student_head = SupervisedLogits(student).eval()
+    teacher_head = SupervisedLogits(teacher).eval() if teacher is not None else None
     totals = {"ce": 0.0, "kd": 0.0, "agree": 0.0, "tokens": 0}
     with torch.no_grad():
         for start in range(0, data.num_sequences, batch_size):
@@ -210,7 +237,7 @@ def evaluate(student: Any, teacher: Any, data: PackedData, audit: VocabAudit, ba
             count = len(positions)
             if count == 0:
                 continue
-            with _autocast(device):
+            with autocast(device):
                 student_logits = student_head(inputs, positions)[:, : audit.shared_rows].float()
             totals["ce"] += torch.nn.functional.cross_entropy(student_logits, labels, reduction="sum").item()
             if teacher_head is not None:
@@ -228,17 +255,10 @@ def evaluate(student: Any, teacher: Any, data: PackedData, audit: VocabAudit, ba
     return result
 
 
-def _autocast(device: Any) -> Any:
-    import torch
-
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 # ----------------------------------------------------------------------------------------------------------- saving
-def _save_checkpoint(out: Path, step: int, model: Any, optimizer: Any, scheduler: Any, config: TrainConfig,
-                     data_sha256: str) -> None:
+def _save_checkpoint(
+    out: Path, step: int, model: Any, optimizer: Any, scheduler: Any, config: TrainConfig, data_sha256: str
+) -> None:
     import torch
 
     state = {
@@ -254,7 +274,7 @@ def _save_checkpoint(out: Path, step: int, model: Any, optimizer: Any, scheduler
     os.close(handle)
     try:
         torch.save(state, tmp)
-        os.replace(tmp, out / CHECKPOINT)
+        publish(tmp, out / CHECKPOINT)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -289,7 +309,7 @@ def _save_final(out: Path, student: Any, tokenizer: Any) -> None:
         tokenizer.save_pretrained(staging)
         files = sorted(staging.iterdir(), key=lambda p: p.suffix == ".safetensors")  # weights land last
         for file in files:
-            os.replace(file, out / file.name)
+            publish(file, out / file.name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -319,7 +339,7 @@ def _plot_losses(metrics_path: Path, png_path: Path) -> None:
     os.close(handle)
     figure.savefig(tmp, dpi=100)
     plt.close(figure)
-    os.replace(tmp, png_path)
+    publish(tmp, png_path)
 
 
 def _prepare_out(out: Path, resume: bool) -> None:
@@ -346,7 +366,7 @@ def train(config: TrainConfig, on_step: StepHook | None = None, progress: bool =
     require("transformers")
     from tqdm import tqdm
 
-    from edgedistill.distill.losses import distillation_loss
+    from edgedistill.distill.heads import DistillationObjective, SupervisedLogits, teacher_dtype
 
     if not config.out:
         raise EdgeDistillError("out: expected an output directory (--out DIR)")
@@ -381,7 +401,7 @@ def train(config: TrainConfig, on_step: StepHook | None = None, progress: bool =
         needs_teacher = config.alpha < 1.0
         teacher = None
         if needs_teacher or config.init == "teacher":
-            teacher = teachers.load_model(source, _teacher_dtype(config, device), device)
+            teacher = teachers.load_model(source, teacher_dtype(config, device), device)
         if config.init == "teacher":
             init_from_teacher(student, teacher)
         if not needs_teacher:
@@ -389,21 +409,14 @@ def train(config: TrainConfig, on_step: StepHook | None = None, progress: bool =
         student.to(device).train()
         student_params = sum(p.numel() for p in student.parameters())
 
-        Head = _supervised_logits_module()
-        student_head: Any = Head(student)
+        objective: Any = DistillationObjective(student, config)
         if dist.world_size > 1:
             from torch.nn.parallel import DistributedDataParallel
 
-            student_head = DistributedDataParallel(student_head, device_ids=[device] if device.type == "cuda" else None)
-        teacher_head = Head(teacher) if teacher is not None else None
+            objective = DistributedDataParallel(objective, device_ids=[device] if device.type == "cuda" else None)
+        teacher_head = SupervisedLogits(teacher) if teacher is not None else None
 
-        decay = [p for p in student.parameters() if p.ndim >= 2]
-        no_decay = [p for p in student.parameters() if p.ndim < 2]
-        optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=config.lr, betas=(0.9, 0.95),
-        )
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config))
+        optimizer, scheduler = make_optimizer(student, config)
         start_step = 0
         metrics_path = out / METRICS
         if config.resume:
@@ -422,38 +435,22 @@ def train(config: TrainConfig, on_step: StepHook | None = None, progress: bool =
         # ---------------------------------------------------------------- loop
         order = _BatchOrder(train_data.num_sequences, config.batch_size, config.seed, dist.world_size, dist.rank)
         tokens_per_step = config.batch_size * config.seq_len * config.grad_accum * dist.world_size
-        bar = tqdm(total=config.steps, initial=start_step, disable=not (progress and dist.is_main), unit="step",
-                   dynamic_ncols=True)
+        bar = tqdm(
+            total=config.steps,
+            initial=start_step,
+            disable=not (progress and dist.is_main),
+            unit="step",
+            dynamic_ncols=True,
+        )
         started = time.perf_counter()
         metrics: dict[str, float] = {}
         for step in range(start_step + 1, config.steps + 1):
             step_start = time.perf_counter()
-            sums = [0.0, 0.0, 0.0]
-            for micro in range(config.grad_accum):
-                inputs, positions, labels, weights = _batch(
-                    train_data, order.rows((step - 1) * config.grad_accum + micro), device
-                )
-                teacher_logits = None
-                if teacher_head is not None:
-                    with torch.no_grad():
-                        teacher_logits = teacher_head(inputs, positions)[:, : audit.shared_rows]
-                last_micro = micro == config.grad_accum - 1
-                sync = contextlib.nullcontext() if last_micro or dist.world_size == 1 else student_head.no_sync()
-                with sync:
-                    with _autocast(device):
-                        student_logits = student_head(inputs, positions)[:, : audit.shared_rows]
-                    loss, ce, kd = distillation_loss(
-                        student_logits, teacher_logits, labels, weights, config.alpha, config.temperature,
-                        config.loss, config.jsd_beta, config.skew,
-                    )
-                    (loss / config.grad_accum).backward()
-                sums[0] += loss.item() / config.grad_accum
-                sums[1] += ce.item() / config.grad_accum
-                sums[2] += (kd.item() if kd is not None else 0.0) / config.grad_accum
-            grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), config.grad_clip or float("inf"))
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            micro_batches = [
+                _batch(train_data, order.rows((step - 1) * config.grad_accum + micro), device)
+                for micro in range(config.grad_accum)
+            ]
+            sums, grad_norm = train_step(objective, teacher_head, micro_batches, optimizer, scheduler, config.grad_clip)
             loss_value, ce_value, kd_value = dist.all_mean(sums)
             seconds = time.perf_counter() - step_start
             metrics = {
@@ -462,7 +459,7 @@ def train(config: TrainConfig, on_step: StepHook | None = None, progress: bool =
                 "ce": ce_value,
                 "kd": kd_value if needs_teacher else None,
                 "lr": scheduler.get_last_lr()[0],
-                "grad_norm": float(grad_norm),
+                "grad_norm": grad_norm,
                 "seconds": seconds,
                 "tokens_per_second": tokens_per_step / seconds,
             }
@@ -489,27 +486,55 @@ def train(config: TrainConfig, on_step: StepHook | None = None, progress: bool =
         if dist.is_main:
             del optimizer
             if teacher is None:
-                teacher = teachers.load_model(source, _teacher_dtype(config, device), device)
-            result = evaluate(student, teacher, heldout, config.batch_size, audit, device, config.eval_tokens)
-            teacher = teacher_head = None
+                teacher = teachers.load_model(source, teacher_dtype(config, device), device)
+            result = evaluate(student, teacher, heldout, audit, config.batch_size, device, config.eval_tokens)
+            teacher = teacher_head = objective = None
             _save_final(out, student, tokenizer)
             (out / CHECKPOINT).unlink(missing_ok=True)  # the run is complete: the final checkpoint replaces it
             steps_run = config.steps - start_step
             summary = {
                 "edgedistill_version": __version__,
-                "teacher": {"spec": config.teacher, "name": source.name, "path": str(source.path),
-                            "sha256": source.fingerprint(), "vocab_rows": audit.teacher_rows},
-                "student": {"spec": config.student, "parameters": student_params,
-                            "shape": {k: getattr(student.config, k) for k in (
-                                "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-                                "intermediate_size", "vocab_size")}},
+                "teacher": {
+                    "spec": config.teacher,
+                    "name": source.name,
+                    "path": str(source.path),
+                    "sha256": source.fingerprint(),
+                    "vocab_rows": audit.teacher_rows,
+                },
+                "student": {
+                    "spec": config.student,
+                    "parameters": student_params,
+                    "shape": {
+                        k: getattr(student.config, k)
+                        for k in (
+                            "hidden_size",
+                            "num_hidden_layers",
+                            "num_attention_heads",
+                            "num_key_value_heads",
+                            "intermediate_size",
+                            "vocab_size",
+                        )
+                    },
+                },
                 "vocab": {"tokenizer_size": audit.tokenizer_size, "shared_rows": audit.shared_rows},
-                "data": {"files": stats.files, "records": stats.records, "bad_lines": stats.bad_lines,
-                         "train_tokens": stats.train_tokens, "heldout_tokens": stats.heldout_tokens,
-                         "tag_tokens": stats.tag_tokens, "sha256": stats.sha256},
-                "train": {"steps": config.steps, "resumed_from": start_step, "seconds": train_seconds,
-                          "tokens_per_second": steps_run * tokens_per_step / train_seconds if steps_run else None,
-                          "final": metrics, "world_size": dist.world_size, "device": str(device)},
+                "data": {
+                    "files": stats.files,
+                    "records": stats.records,
+                    "bad_lines": stats.bad_lines,
+                    "train_tokens": stats.train_tokens,
+                    "heldout_tokens": stats.heldout_tokens,
+                    "tag_tokens": stats.tag_tokens,
+                    "sha256": stats.sha256,
+                },
+                "train": {
+                    "steps": config.steps,
+                    "resumed_from": start_step,
+                    "seconds": train_seconds,
+                    "tokens_per_second": steps_run * tokens_per_step / train_seconds if steps_run else None,
+                    "final": metrics,
+                    "world_size": dist.world_size,
+                    "device": str(device),
+                },
                 "heldout": result,
                 "config": config.to_dict(),
             }

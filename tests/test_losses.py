@@ -146,3 +146,40 @@ def test_gradients_flow_only_to_student(logits):
     total, _, _ = losses.distillation_loss(s, t, labels, w, alpha=0.5, temperature=2.0)
     total.backward()
     assert s.grad is not None and torch.all(s.grad[w == 0] == 0) and s.grad[w > 0].abs().sum() > 0
+
+
+@pytest.mark.parametrize(
+    "alpha, temperature, name", [(0.5, 1.0, "fkl"), (0.3, 2.0, "jsd"), (1.0, 1.0, "fkl"), (0.0, 1.5, "rkl")]
+)
+@pytest.mark.parametrize("teacher_form", ["hidden", "logits"])
+def test_chunked_loss_equals_dense_loss_and_gradients(alpha, temperature, name, teacher_form):
+    gen = torch.Generator().manual_seed(1)
+    n, h, v = 37, 8, 29
+    hidden = torch.randn(n, h, generator=gen, dtype=torch.float64, requires_grad=True)
+    head = torch.randn(v, h, generator=gen, dtype=torch.float64, requires_grad=True)
+    teacher_hidden = torch.randn(n, 6, generator=gen, dtype=torch.float64)
+    teacher_head = torch.randn(v + 3, 6, generator=gen, dtype=torch.float64)  # padded teacher rows
+    labels = torch.randint(0, v, (n,), generator=gen)
+    weights = (torch.rand(n, generator=gen, dtype=torch.float64) > 0.3).double()
+    weights[5] = 10.0
+    teacher_logits = (teacher_hidden @ teacher_head.T)[:, :v]
+    dense, dense_ce, dense_kd = losses.distillation_loss(
+        hidden @ head.T, teacher_logits, labels, weights, alpha, temperature, name
+    )
+    dense.backward()
+    expected_grads = hidden.grad.clone(), head.grad.clone()
+    hidden.grad = head.grad = None
+    teacher = (
+        dict(teacher_hidden=teacher_hidden, teacher_head_weight=teacher_head)
+        if teacher_form == "hidden"
+        else dict(teacher_logits=teacher_logits)
+    )
+    total, ce, kd = losses.chunked_distillation_loss(
+        hidden, head, labels, weights, alpha=alpha, temperature=temperature, name=name, chunk=8, **teacher
+    )
+    assert total.item() == pytest.approx(dense.item(), rel=1e-9)
+    assert ce.item() == pytest.approx(dense_ce.item(), rel=1e-9)
+    assert (kd is None) == (dense_kd is None) and (kd is None or kd.item() == pytest.approx(dense_kd.item(), rel=1e-9))
+    (2 * total).backward()
+    assert torch.allclose(hidden.grad, 2 * expected_grads[0], atol=1e-10)
+    assert torch.allclose(head.grad, 2 * expected_grads[1], atol=1e-10)

@@ -21,9 +21,28 @@ from pathlib import Path
 
 HERE = Path(__file__).parent
 # Modules that do something when imported (open a browser, print, start a GUI) or are not prose documentation.
-SKIP = {"antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo", "lib2to3", "ensurepip", "test",
-        "pydoc_data", "xxlimited", "xxsubtype", "xxlimited_35", "msilib", "winreg", "winsound", "msvcrt", "nt",
-        "_winapi", "encodings"}
+SKIP = {
+    "antigravity",
+    "this",
+    "idlelib",
+    "tkinter",
+    "turtle",
+    "turtledemo",
+    "lib2to3",
+    "ensurepip",
+    "test",
+    "pydoc_data",
+    "xxlimited",
+    "xxsubtype",
+    "xxlimited_35",
+    "msilib",
+    "winreg",
+    "winsound",
+    "msvcrt",
+    "nt",
+    "_winapi",
+    "encodings",
+}
 MIN_CHARS = 120  # shorter docstrings are mostly signatures ("Return self+value.")
 
 

@@ -1,0 +1,122 @@
+"""The models as distillation sees them: hidden states and logits at the supervised positions only.
+
+The LM head is the widest matmul of a small model (49,152 x 576 for SmolLM2) and its softmax the largest tensor;
+positions without supervision (chat prompts) need neither, and the training objective never materialises the
+whole batch's [positions x vocabulary] logits at all (see ``losses.chunked_distillation_loss``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+
+from edgedistill.distill.config import TrainConfig
+from edgedistill.distill.losses import chunked_distillation_loss, distillation_loss
+
+
+def _direct(model: Any) -> bool:
+    """Whether logits are exactly ``lm_head(hidden)``: models that post-process them (Gemma 2's soft-capping)
+    go through their own forward instead."""
+    return getattr(model.config, "final_logit_softcapping", None) is None
+
+
+class SupervisedLogits(torch.nn.Module):
+    """A causal LM restricted to supervised positions. ``input_ids``: [B, L]; ``positions``: [N] indices into the
+    flattened [B * L]."""
+
+    def __init__(self, model: Any) -> None:
+        super().__init__()
+        self.model = model
+        self.direct = _direct(model)
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        return self.model.get_output_embeddings().weight
+
+    def hidden(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Final hidden states at the positions: [N, H]."""
+        base = getattr(self.model, self.model.base_model_prefix)
+        hidden = base(input_ids=input_ids).last_hidden_state
+        return hidden.reshape(-1, hidden.shape[-1])[positions]
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Logits at the positions: [N, V]."""
+        if not self.direct:
+            logits = self.model(input_ids=input_ids).logits
+            return logits.reshape(-1, logits.shape[-1])[positions]
+        return torch.nn.functional.linear(self.hidden(input_ids, positions), self.head_weight)
+
+
+class DistillationObjective(SupervisedLogits):
+    """The student with the seed's loss on top: ``forward`` returns ``(total, ce, kd)``, so that DDP wraps a
+    module whose output is the loss. The teacher's side is passed in as hidden states plus head weight (or logits).
+    """
+
+    def __init__(self, student: Any, config: TrainConfig) -> None:
+        super().__init__(student)
+        self.options = dict(
+            alpha=config.alpha, temperature=config.temperature, name=config.loss, beta=config.jsd_beta, skew=config.skew
+        )
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        labels: torch.Tensor,
+        weights: torch.Tensor,
+        teacher: dict[str, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        teacher = teacher or {}
+        with autocast(input_ids.device):
+            if not self.direct:
+                student_logits = super().forward(input_ids, positions)
+                teacher_logits = teacher.get("teacher_logits")
+                if teacher_logits is None and "teacher_hidden" in teacher:
+                    teacher_logits = torch.nn.functional.linear(
+                        teacher["teacher_hidden"], teacher["teacher_head_weight"]
+                    )
+                shared = (
+                    student_logits.shape[-1]
+                    if teacher_logits is None
+                    else min(student_logits.shape[-1], teacher_logits.shape[-1])
+                )
+                return distillation_loss(
+                    student_logits[:, :shared],
+                    None if teacher_logits is None else teacher_logits[:, :shared],
+                    labels,
+                    weights,
+                    **self.options,
+                )
+            hidden = self.hidden(input_ids, positions)
+        return chunked_distillation_loss(hidden.float(), self.head_weight, labels, weights, **teacher, **self.options)
+
+
+def teacher_signal(
+    teacher: SupervisedLogits | None, input_ids: torch.Tensor, positions: torch.Tensor
+) -> dict[str, torch.Tensor] | None:
+    """What the objective needs from the teacher, computed without gradients: its final hidden states at the
+    supervised positions and its head weight ([N, Ht] and [Vt, Ht], far smaller than [N, Vt] logits)."""
+    if teacher is None:
+        return None
+    with torch.no_grad(), autocast(input_ids.device):
+        if teacher.direct:
+            return {"teacher_hidden": teacher.hidden(input_ids, positions), "teacher_head_weight": teacher.head_weight}
+        return {"teacher_logits": teacher(input_ids, positions)}
+
+
+def autocast(device: torch.device) -> Any:
+    """bf16 autocast on CUDA; fp32 on CPU."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def teacher_dtype(config: TrainConfig, device: torch.device) -> torch.dtype:
+    """``--teacher-dtype``: explicit, or ``auto`` = bfloat16 on CUDA, float32 on CPU."""
+    if config.teacher_dtype == "float32":
+        return torch.float32
+    if config.teacher_dtype == "bfloat16":
+        return torch.bfloat16
+    return torch.bfloat16 if device.type == "cuda" else torch.float32

@@ -1,0 +1,503 @@
+"""GGUF export: a llama-architecture file written with gguf-py, quantized by llama.cpp, checked in llama.cpp.
+
+Recipe, top to bottom:
+
+1. Convert the Hugging Face tokenizer into GGUF vocabulary fields (tokens, merges, token types, special ids,
+   BOS/EOS behaviour, chat template) and choose ``tokenizer.ggml.pre`` by probing: every candidate name is written
+   into a weightless GGUF, loaded in llama.cpp, and scored on the probe strings against the Hugging Face ids.
+2. Write the float32 model with gguf-py's constants and tensor-name table, the q and k projections permuted from
+   Hugging Face's rotate-half layout to the interleaved one llama.cpp expects.
+3. Quantize that file with llama.cpp's own quantizer (``llama_model_quantize``) into each requested type.
+4. Load each artifact in llama.cpp and compare logits, greedy tokens and token ids with PyTorch's.
+
+Every file is written under a temporary name in the output directory and renamed into place when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgedistill import __version__
+from edgedistill.errors import EdgeDistillError
+from edgedistill.export.manifest import ArtifactRecord, StagedArtifact, remove_path, sha256_file, temp_path
+from edgedistill.export.parity import (
+    GREEDY_TOKENS,
+    PROBE_PROMPTS,
+    ParityReport,
+    Reference,
+    Thresholds,
+    count_equal,
+    hf_token_ids,
+    judge,
+)
+from edgedistill.export.source import ExportSource, LoadedModel
+
+
+@dataclass(frozen=True)
+class GgufQuant:
+    """One ``--quant`` name: the llama.cpp file type (a constant of ``llama_cpp``) and its parity thresholds."""
+
+    ftype: str
+    thresholds: Thresholds
+
+
+# Thresholds. Logit differences are absolute; SmolLM2-135M's logits span about 40 units, the tiny random test
+# models' about 30. f32 is a lossless copy (llama.cpp accumulates in a different order: FACTS.md measured 5e-4).
+# f16 rounds weights to 11 significant bits. The k-quants and q4_0 are lossy: their bound is on top-1 agreement,
+# with a loose logit bound that still catches a wrong layout (which gives differences of the logits' own size).
+GGUF_QUANTS: dict[str, GgufQuant] = {
+    "f32": GgufQuant("LLAMA_FTYPE_ALL_F32", Thresholds(max_logit_diff=1e-2, min_top1=1.0, greedy_equal=True)),
+    "f16": GgufQuant("LLAMA_FTYPE_MOSTLY_F16", Thresholds(max_logit_diff=0.25, min_top1=0.97, greedy_equal=True)),
+    "q8_0": GgufQuant("LLAMA_FTYPE_MOSTLY_Q8_0", Thresholds(max_logit_diff=1.0, min_top1=0.9, greedy_equal=False)),
+    "q6_k": GgufQuant("LLAMA_FTYPE_MOSTLY_Q6_K", Thresholds(max_logit_diff=2.0, min_top1=0.85, greedy_equal=False)),
+    "q5_k_m": GgufQuant("LLAMA_FTYPE_MOSTLY_Q5_K_M", Thresholds(max_logit_diff=3.0, min_top1=0.8,
+                                                                greedy_equal=False)),
+    "q4_k_m": GgufQuant("LLAMA_FTYPE_MOSTLY_Q4_K_M", Thresholds(max_logit_diff=6.0, min_top1=0.7,
+                                                                greedy_equal=False)),
+    "q4_0": GgufQuant("LLAMA_FTYPE_MOSTLY_Q4_0", Thresholds(max_logit_diff=6.0, min_top1=0.65, greedy_equal=False)),
+}
+DEFAULT_GGUF_QUANTS = ("f16", "q8_0", "q4_k_m")
+
+# llama.cpp pre-tokenizer names tried for a byte-level BPE vocabulary, in order of preference when several match
+# every probe: the plain GPT-2 split first, then the families whose regexes differ (digit grouping, CJK, ...).
+# Names this llama.cpp build does not know fail to load and score zero.
+PRE_TOKENIZER_CANDIDATES = (
+    "gpt-2", "smollm", "llama-bpe", "qwen2", "deepseek-llm", "deepseek-coder", "deepseek-v3", "falcon",
+    "starcoder", "refact", "command-r", "olmo", "dbrx", "stablelm2", "gpt-4o", "tekken", "bloom", "poro-chat",
+    "viking", "jais", "exaone", "chameleon", "minerva-7b", "superbpe", "seed-coder", "default",
+)
+# Our own metadata key: which edgedistill wrote the file.
+EDGEDISTILL_VERSION_KEY = "edgedistill.version"
+# Context of the llama.cpp instance that checks an artifact: the longest probe prompt plus the greedy tokens.
+PARITY_CONTEXT = 128
+
+
+@dataclass
+class GgufVocab:
+    """The tokenizer as GGUF stores it (``tokenizer.ggml.*`` and ``tokenizer.chat_template``)."""
+
+    tokens: list[str]
+    token_types: list[int]
+    merges: list[str]
+    bos_id: int | None
+    eos_id: int | None
+    unk_id: int | None
+    pad_id: int | None
+    add_bos: bool
+    add_eos: bool
+    chat_template: str | None
+
+
+# ------------------------------------------------------------------------------------------------- vocabulary
+
+
+def vocab_from_tokenizer(tokenizer: Any, vocab_size: int) -> GgufVocab:
+    """Convert a Hugging Face byte-level BPE tokenizer into GGUF vocabulary fields.
+
+    Args:
+        tokenizer: a ``PreTrainedTokenizerFast``.
+        vocab_size: rows of the model's embedding; ids the tokenizer leaves unused become ``[PADn]`` tokens of
+            type UNUSED (as llama.cpp's converter does), so token count and embedding rows agree.
+
+    Raises:
+        EdgeDistillError: the tokenizer is not byte-level BPE or has more tokens than the embedding has rows.
+    """
+    from gguf import TokenType
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise EdgeDistillError("tokenizer: GGUF export needs a fast (tokenizers) tokenizer; this one is slow-only")
+    spec = json.loads(backend.to_str())
+    model_type = spec.get("model", {}).get("type")
+    byte_level = "ByteLevel" in json.dumps(spec.get("pre_tokenizer")) + json.dumps(spec.get("decoder"))
+    if model_type != "BPE" or not byte_level:
+        raise EdgeDistillError(f"tokenizer: GGUF export supports byte-level BPE tokenizers only (this one is "
+                               f"{model_type} with pre-tokenizer {(spec.get('pre_tokenizer') or {}).get('type')})")
+    by_id = {index: text for text, index in tokenizer.get_vocab().items()}
+    if max(by_id) >= vocab_size:
+        raise EdgeDistillError(f"tokenizer: has token id {max(by_id)} but the model's embedding has only "
+                               f"{vocab_size} rows")
+    added = {index: token for index, token in (tokenizer.added_tokens_decoder or {}).items()}
+    tokens, types = [], []
+    for index in range(vocab_size):
+        if index not in by_id:
+            tokens.append(f"[PAD{index}]")
+            types.append(int(TokenType.UNUSED))
+        elif index in added:
+            tokens.append(by_id[index])
+            types.append(int(TokenType.CONTROL if added[index].special else TokenType.USER_DEFINED))
+        else:
+            tokens.append(by_id[index])
+            types.append(int(TokenType.NORMAL))
+    merges = [merge if isinstance(merge, str) else " ".join(merge) for merge in spec["model"].get("merges", [])]
+    probe = tokenizer("a", add_special_tokens=True)["input_ids"]
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    add_bos = tokenizer.bos_token_id is not None and len(probe) > len(plain) and probe[0] == tokenizer.bos_token_id
+    add_eos = tokenizer.eos_token_id is not None and len(probe) > len(plain) and probe[-1] == tokenizer.eos_token_id
+    template = tokenizer.chat_template if isinstance(getattr(tokenizer, "chat_template", None), str) else None
+    return GgufVocab(
+        tokens=tokens, token_types=types, merges=merges, bos_id=tokenizer.bos_token_id,
+        eos_id=tokenizer.eos_token_id, unk_id=tokenizer.unk_token_id, pad_id=tokenizer.pad_token_id,
+        add_bos=bool(add_bos), add_eos=bool(add_eos), chat_template=template,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------- writing
+
+
+def check_exportable(config: Any) -> None:
+    """Refuse Llama variants whose GGUF form we do not write, naming the field at fault."""
+    if getattr(config, "model_type", None) != "llama":
+        raise EdgeDistillError(f"model: model_type {getattr(config, 'model_type', None)!r} cannot be exported to GGUF")
+    for name in ("attention_bias", "mlp_bias"):
+        if getattr(config, name, False):
+            raise EdgeDistillError(f"model: config.{name} = True cannot be exported to GGUF (llama without biases)")
+    scaling = getattr(config, "rope_scaling", None) or {}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind not in ("default", "linear"):
+        raise EdgeDistillError(f"model: config.rope_scaling type {kind!r} cannot be exported to GGUF "
+                               "(supported: none, linear)")
+    if getattr(config, "hidden_act", "silu") != "silu":
+        raise EdgeDistillError(f"model: config.hidden_act = {config.hidden_act!r} cannot be exported to GGUF "
+                               "(llama.cpp's llama uses silu)")
+
+
+def permute_rotary(weight: np.ndarray, heads: int) -> np.ndarray:
+    """Reorder a q or k projection from Hugging Face's rotate-half layout to llama.cpp's interleaved one.
+
+    Hugging Face rotates the pair (i, i + d/2) of each head of dimension d; llama.cpp rotates (2i, 2i + 1). Rows
+    ``[head, half, i]`` therefore move to ``[head, i, half]``.
+
+    Args:
+        weight: ``[heads * head_dim, in_features]``.
+        heads: attention heads of this projection (key/value heads for k).
+
+    Returns:
+        An array of the same shape.
+    """
+    rows = weight.shape[0]
+    return weight.reshape(heads, 2, rows // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def llama_tensors(model: Any) -> Iterator[tuple[str, np.ndarray]]:
+    """The model's tensors under their GGUF names as float32 arrays, q/k permuted, tied output omitted."""
+    import gguf
+
+    config = model.config
+    # A fresh map per export: gguf-py's TensorNameMap can update class-level state (FACTS.md).
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    for hf_name, tensor in model.state_dict().items():
+        if tied and hf_name == "lm_head.weight":
+            continue  # llama.cpp reuses token_embd when output.weight is absent
+        found = names.get_type_and_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if found is None:
+            raise EdgeDistillError(f"model: tensor {hf_name} has no llama GGUF name; cannot export it")
+        kind, name = found
+        array = tensor.detach().float().cpu().numpy()
+        if kind == gguf.MODEL_TENSOR.ATTN_Q:
+            array = permute_rotary(array, config.num_attention_heads)
+        elif kind == gguf.MODEL_TENSOR.ATTN_K:
+            array = permute_rotary(array, config.num_key_value_heads)
+        yield name, np.ascontiguousarray(array)
+
+
+def write_gguf(path: Path, model_config: Any, vocab: GgufVocab, pre: str, general: dict[str, Any],
+               model: Any = None) -> None:
+    """Write a llama GGUF: metadata, vocabulary and, when ``model`` is given, its float32 tensors.
+
+    Without ``model`` the file holds no tensors; llama.cpp loads such a file with ``vocab_only``, which is how
+    pre-tokenizer candidates are probed.
+    """
+    import gguf
+
+    config = model_config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    writer = gguf.GGUFWriter(path=None, arch=gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
+    writer.add_type(gguf.GGUFType.MODEL)
+    writer.add_name(general["name"])
+    if general.get("license"):
+        writer.add_license(general["license"])
+    if general.get("base_model"):
+        writer.add_base_model_count(1)
+        writer.add_base_model_name(0, general["base_model"])
+    writer.add_description(general.get("description", ""))
+    writer.add_string(EDGEDISTILL_VERSION_KEY, __version__)
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+    writer.add_vocab_size(len(vocab.tokens))
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_freq_base(float(config.rope_theta))
+    writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+    if head_dim != config.hidden_size // config.num_attention_heads:
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+    scaling = getattr(config, "rope_scaling", None) or {}
+    if scaling.get("rope_type", scaling.get("type")) == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(scaling["factor"]))
+
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(vocab.tokens)
+    writer.add_token_types(vocab.token_types)
+    writer.add_token_merges(vocab.merges)
+    for add, token_id in ((writer.add_bos_token_id, vocab.bos_id), (writer.add_eos_token_id, vocab.eos_id),
+                          (writer.add_unk_token_id, vocab.unk_id), (writer.add_pad_token_id, vocab.pad_id)):
+        if token_id is not None:
+            add(token_id)
+    writer.add_add_bos_token(vocab.add_bos)
+    writer.add_add_eos_token(vocab.add_eos)
+    if vocab.chat_template:
+        writer.add_chat_template(vocab.chat_template)
+
+    if model is not None:
+        for name, array in llama_tensors(model):
+            writer.add_tensor(name, array)
+    writer.write_header_to_file(path=path)
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+# ---------------------------------------------------------------------------------------------------- llama.cpp
+
+
+def _llama(path: Path, threads: int) -> Any:
+    """A llama.cpp instance of an artifact that returns logits at every position."""
+    import llama_cpp
+
+    return llama_cpp.Llama(
+        model_path=str(path), n_ctx=PARITY_CONTEXT, n_batch=PARITY_CONTEXT, n_threads=threads,
+        n_threads_batch=threads, logits_all=True, n_gpu_layers=0, verbose=False,
+    )
+
+
+class LlamaCppVocab:
+    """llama.cpp's tokenizer of a GGUF file, loaded without weights and without a context.
+
+    Raises:
+        ValueError: llama.cpp refused the file (for a vocabulary-only file: an unknown ``tokenizer.ggml.pre``).
+    """
+
+    def __init__(self, path: Path) -> None:
+        import llama_cpp
+
+        params = llama_cpp.llama_model_default_params()
+        params.vocab_only = True
+        self._model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
+        if not self._model:
+            raise ValueError(f"llama.cpp cannot load the vocabulary of {path}")
+        self._vocab = llama_cpp.llama_model_get_vocab(self._model)
+
+    def tokenize(self, text: str, add_special: bool = False) -> list[int]:
+        """Token ids of ``text`` with special tokens parsed; BOS/EOS added as the file says when ``add_special``."""
+        import llama_cpp
+
+        data = text.encode("utf-8")
+        capacity = len(data) + 8
+        buffer = (llama_cpp.llama_token * capacity)()
+        count = llama_cpp.llama_tokenize(self._vocab, data, len(data), buffer, capacity, add_special, True)
+        if count < 0:  # buffer too small: -count is the size needed
+            capacity = -count
+            buffer = (llama_cpp.llama_token * capacity)()
+            count = llama_cpp.llama_tokenize(self._vocab, data, len(data), buffer, capacity, add_special, True)
+        return list(buffer[:count])
+
+    def close(self) -> None:
+        import llama_cpp
+
+        if self._model:
+            llama_cpp.llama_model_free(self._model)
+            self._model = None
+
+    def __enter__(self) -> LlamaCppVocab:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def choose_pre_tokenizer(out: Path, model_config: Any, vocab: GgufVocab, general: dict[str, Any],
+                         probes: list[str], expected: list[list[int]]) -> tuple[str, dict[str, int]]:
+    """Score candidate ``tokenizer.ggml.pre`` names on the probe strings; return the best and every score.
+
+    Candidates are tried in :data:`PRE_TOKENIZER_CANDIDATES` order until one matches every probe; when none
+    does, the one with the most matches wins and the artifacts' tokenizer parity reports the mismatch. A name
+    this llama.cpp does not know scores -1.
+    """
+    scores: dict[str, int] = {}
+    for pre in PRE_TOKENIZER_CANDIDATES:
+        path = temp_path(out, f"pre-{pre}.gguf")
+        try:
+            write_gguf(path, model_config, vocab, pre, general)
+            try:
+                llama_vocab = LlamaCppVocab(path)
+            except ValueError:
+                scores[pre] = -1
+                continue
+            with llama_vocab:
+                scores[pre] = count_equal(expected, [llama_vocab.tokenize(text) for text in probes])
+        finally:
+            remove_path(path)
+        if scores[pre] == len(probes):
+            break
+    best = max(scores, key=lambda name: (scores[name], -PRE_TOKENIZER_CANDIDATES.index(name)))
+    return best, scores
+
+
+def quantize(src: Path, dst: Path, quant: str, threads: int) -> None:
+    """Quantize a float32 GGUF with llama.cpp's ``llama_model_quantize``."""
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, GGUF_QUANTS[quant].ftype)
+    params.nthread = threads
+    status = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
+    if status != 0:
+        raise EdgeDistillError(f"gguf: llama.cpp failed to quantize to {quant} (status {status})")
+
+
+def run_llama(llm: Any, prompt_ids: list[list[int]], greedy_prompts: int, greedy_tokens: int = GREEDY_TOKENS
+              ) -> tuple[list[np.ndarray], list[list[int]]]:
+    """llama.cpp's logits at every position of each prompt and greedy continuations of the first ones."""
+    logits, greedy = [], []
+    for index, ids in enumerate(prompt_ids):
+        llm.reset()
+        llm.eval(ids)
+        logits.append(np.array(llm.scores[: len(ids)], dtype=np.float32))
+        if index >= greedy_prompts:
+            continue
+        tokens = []
+        for _ in range(greedy_tokens):
+            next_id = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            tokens.append(next_id)
+            if len(tokens) < greedy_tokens:
+                llm.eval([next_id])
+        greedy.append(tokens)
+    return logits, greedy
+
+
+def check_gguf(path: Path, quant: str, reference: Reference, probes: list[str], expected: list[list[int]],
+               special_texts: list[str], special_expected: list[list[int]], threads: int) -> ParityReport:
+    """Load an artifact in llama.cpp and judge it against the PyTorch reference and the Hugging Face ids.
+
+    Args:
+        path: the GGUF file.
+        quant: its name in :data:`GGUF_QUANTS` (selects the thresholds).
+        reference: PyTorch's answers on the probe prompts.
+        probes: tokenizer probe strings, compared with nothing added.
+        expected: the Hugging Face ids of ``probes``.
+        special_texts: strings compared with BOS/EOS added as each tokenizer adds them.
+        special_expected: the Hugging Face ids of ``special_texts`` with ``add_special_tokens=True``.
+        threads: CPU threads for llama.cpp.
+    """
+    llm = _llama(path, threads)
+    try:
+        logits, greedy = run_llama(llm, reference.prompt_ids, len(reference.greedy))
+    finally:
+        llm.close()
+    with LlamaCppVocab(path) as vocab:
+        matches = count_equal(expected, [vocab.tokenize(text) for text in probes])
+        specials = count_equal(special_expected, [vocab.tokenize(text, add_special=True) for text in special_texts])
+    return judge(GGUF_QUANTS[quant].thresholds, reference, logits, greedy, matches, len(probes),
+                 specials_equal=specials == len(special_texts))
+
+
+# ------------------------------------------------------------------------------------------------------ recipe
+
+
+def export_gguf(source: ExportSource, loaded: LoadedModel, quants: list[str], out: Path, reference: Reference,
+                probes: list[str], threads: int, progress: Callable[[str], None] = print) -> list[StagedArtifact]:
+    """Convert ``loaded`` to GGUF, quantize it once per requested type, and check every file.
+
+    Args:
+        source: where the model came from (name, licence, base model for the metadata).
+        loaded: the float32 model and its tokenizer.
+        quants: names from :data:`GGUF_QUANTS`.
+        out: the output directory (exists, writable); temporary files live there too.
+        reference: PyTorch's answers on the probe prompts.
+        probes: tokenizer probe strings.
+        threads: CPU threads for llama.cpp.
+        progress: called with one line per step.
+
+    Returns:
+        The checked artifacts, still under temporary names: the caller publishes them (or discards them).
+    """
+    check_exportable(loaded.model.config)
+    config, tokenizer = loaded.model.config, loaded.tokenizer
+    vocab = vocab_from_tokenizer(tokenizer, config.vocab_size)
+    general = {
+        "name": source.name, "license": source.license, "base_model": source.base_model,
+        "description": f"exported by edgedistill {__version__} from {source.path.name}",
+    }
+    expected = hf_token_ids(tokenizer, probes)
+    special_texts = list(PROBE_PROMPTS)
+    special_expected = [list(tokenizer(text, add_special_tokens=True)["input_ids"]) for text in special_texts]
+
+    started = time.perf_counter()
+    pre, pre_scores = choose_pre_tokenizer(out, config, vocab, general, probes, expected)
+    pre_seconds = time.perf_counter() - started
+    progress(f"gguf: tokenizer.ggml.pre = {pre!r}: {pre_scores[pre]}/{len(probes)} probe strings equal "
+             f"({len(pre_scores)} candidates tried in {pre_seconds:.1f}s)")
+
+    base = temp_path(out, f"{source.name}-f32.gguf")
+    temporaries, staged = [base], []
+    try:
+        started = time.perf_counter()
+        write_gguf(base, config, vocab, pre, general, model=loaded.model)
+        convert_seconds = time.perf_counter() - started
+        f32_bytes = base.stat().st_size
+        progress(f"gguf: wrote the float32 file ({f32_bytes / 1e6:.1f} MB) in {convert_seconds:.1f}s")
+        # Quantize from the float32 file; the f32 artifact, when asked for, is that file itself, checked last.
+        for quant in sorted(quants, key=lambda name: name == "f32"):
+            final = out / f"{source.name}-{quant}.gguf"
+            started = time.perf_counter()
+            if quant == "f32":
+                tmp, seconds = base, convert_seconds
+            else:
+                tmp = temp_path(out, final.name)
+                temporaries.append(tmp)
+                quantize(base, tmp, quant, threads)
+                seconds = time.perf_counter() - started
+            started = time.perf_counter()
+            report = check_gguf(tmp, quant, reference, probes, expected, special_texts, special_expected, threads)
+            record = ArtifactRecord(
+                path=final.name, bytes=tmp.stat().st_size, sha256=sha256_file(tmp), format="gguf",
+                quantization=quant, parameters=loaded.parameters, f32_bytes=f32_bytes, seconds=seconds,
+                parity=report.to_dict(), source=source.describe(),
+                details={"tokenizer_pre": pre, "tokenizer_pre_scores": pre_scores, "llama_ftype":
+                         GGUF_QUANTS[quant].ftype, "conversion_seconds": round(convert_seconds, 3),
+                         "pre_tokenizer_seconds": round(pre_seconds, 3),
+                         "parity_seconds": round(time.perf_counter() - started, 3)},
+            )
+            staged.append(StagedArtifact(tmp, final, record))
+            progress(f"gguf: {final.name}: {record.bytes / 1e6:.1f} MB in {seconds:.1f}s; parity "
+                     f"{'passed' if report.passed else 'FAILED: ' + '; '.join(report.failures)}")
+    except BaseException:
+        for path in temporaries:
+            remove_path(path)
+        raise
+    if "f32" not in quants:
+        remove_path(base)
+    return staged
+
+
+def default_threads() -> int:
+    """CPUs this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

@@ -1,0 +1,177 @@
+"""``DIR/manifest.json``: one record per exported artifact, merged with what earlier exports put in DIR.
+
+Artifacts are published by renaming a finished temporary file onto its final name; the manifest is written last,
+the same way, so a reader never sees a record for a file that is not complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgedistill import __version__
+from edgedistill.distill.train import atomic_write_text
+from edgedistill.errors import EdgeDistillError
+
+MANIFEST = "manifest.json"
+MANIFEST_SCHEMA = 1
+
+
+@dataclass
+class ArtifactRecord:
+    """One exported file and its parity figures.
+
+    Attributes:
+        path: the model file, relative to the manifest's directory.
+        bytes: its size (for ONNX including external weight data).
+        sha256: hex digest of the model file.
+        format: ``"gguf"`` or ``"onnx"``.
+        quantization: the quantization name as given to ``--quant``.
+        parameters: parameter count of the PyTorch model (tied weights once).
+        f32_bytes: size of the same model in the format's 32-bit form, for the size ratio.
+        seconds: time to produce this file from the shared conversion (quantization, or the conversion itself).
+        parity: :class:`~edgedistill.export.parity.ParityReport` as a dict.
+        details: format-specific facts (the GGUF pre-tokenizer choice, ONNX opset, ...).
+    """
+
+    path: str
+    bytes: int
+    sha256: str
+    format: str
+    quantization: str
+    parameters: int
+    f32_bytes: int
+    seconds: float
+    parity: dict[str, Any]
+    source: dict[str, Any] = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)
+    passed: bool = False
+    size_ratio_to_f32: float = 0.0
+    edgedistill_version: str = __version__
+    created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+
+    def __post_init__(self) -> None:
+        self.passed = bool(self.parity.get("passed"))
+        self.size_ratio_to_f32 = self.bytes / self.f32_bytes if self.f32_bytes else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class StagedArtifact:
+    """A finished, checked artifact still under its temporary name; :meth:`publish` renames it into place.
+
+    Exporters stage every artifact and the caller publishes them together, just before the manifest, so that an
+    export interrupted at any step leaves no new file under a final name.
+    """
+
+    tmp: Path
+    final: Path
+    record: ArtifactRecord
+
+    def publish(self) -> None:
+        if self.tmp.is_dir():
+            publish_dir(self.tmp, self.final)
+        else:
+            publish_file(self.tmp, self.final)
+
+    def discard(self) -> None:
+        remove_path(self.tmp)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_manifest(out: Path) -> dict[str, Any]:
+    """The manifest in ``out``, or an empty one."""
+    path = out / MANIFEST
+    if not path.is_file():
+        return {"schema": MANIFEST_SCHEMA, "artifacts": []}
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise EdgeDistillError(f"--out: {path} exists but is not a readable manifest ({err}); move it away") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("artifacts"), list):
+        raise EdgeDistillError(f"--out: {path} exists but is not an edgedistill manifest; move it away")
+    return manifest
+
+
+def update_manifest(out: Path, records: list[ArtifactRecord]) -> Path:
+    """Merge ``records`` into ``out/manifest.json`` (a record replaces an older one with the same path)."""
+    manifest = read_manifest(out)
+    new_paths = {record.path for record in records}
+    kept = [a for a in manifest["artifacts"] if a.get("path") not in new_paths and (out / a.get("path", "")).exists()]
+    manifest["schema"] = MANIFEST_SCHEMA
+    manifest["edgedistill_version"] = __version__
+    manifest["artifacts"] = kept + [record.to_dict() for record in records]
+    path = out / MANIFEST
+    atomic_write_text(path, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+    return path
+
+
+def prepare_out(out: Path) -> Path:
+    """Create ``out`` if needed and prove it writable, failing in one line otherwise."""
+    if out.exists() and not out.is_dir():
+        raise EdgeDistillError(f"--out: {out} exists and is not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as err:
+        raise EdgeDistillError(f"--out: {out} is not writable ({err.strerror or err})") from None
+    return out
+
+
+def temp_path(out: Path, final_name: str) -> Path:
+    """A fresh hidden temporary name next to ``final_name`` in ``out`` (the file is not created)."""
+    handle, name = tempfile.mkstemp(dir=out, prefix=f".{final_name}.", suffix=".tmp")
+    os.close(handle)
+    os.unlink(name)
+    return Path(name)
+
+
+def publish_file(tmp: Path, final: Path) -> None:
+    """Rename a finished file onto its final name, with the permissions a plain ``open`` would give."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    os.replace(tmp, final)
+
+
+def publish_dir(tmp: Path, final: Path) -> None:
+    """Put a finished directory in place of ``final``; an older one is moved aside first and then deleted.
+
+    A directory cannot be renamed over a non-empty one, so there is a short moment without ``final``; there is
+    never a moment in which ``final`` holds a half-written export.
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
+    old = None
+    if final.exists():
+        old = temp_path(final.parent, final.name + ".old")
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def remove_path(path: Path) -> None:
+    """Remove a temporary file or directory if it exists."""
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)

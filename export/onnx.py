@@ -1,0 +1,308 @@
+"""ONNX export: a decoder with past key/value inputs and outputs, quantized by onnxruntime, checked in onnxruntime.
+
+Recipe, top to bottom:
+
+1. Export the float32 decoder with optimum-onnx (``main_export``, task ``text-generation-with-past``).
+2. Derive int8 (onnxruntime dynamic quantization, per-channel weights) and int4 (onnxruntime's MatMulNBits
+   weight-only quantizer) from it.
+3. Put ``config.json``, ``generation_config.json`` and the tokenizer files beside each ``model.onnx``, so that each
+   artifact directory loads in optimum's ``ORTModelForCausalLM`` as well as in plain onnxruntime.
+4. Run each model in plain onnxruntime and compare logits, greedy tokens and (through the saved tokenizer) token
+   ids with PyTorch and the Hugging Face tokenizer.
+
+Each artifact is a directory built under a temporary name in the output directory and renamed into place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import shutil
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgedistill.errors import EdgeDistillError
+from edgedistill.export.manifest import ArtifactRecord, StagedArtifact, remove_path, sha256_file, temp_path
+from edgedistill.export.parity import (
+    GREEDY_TOKENS,
+    PROBE_PROMPTS,
+    ParityReport,
+    Reference,
+    Thresholds,
+    count_equal,
+    hf_token_ids,
+    judge,
+)
+from edgedistill.export.source import ExportSource, LoadedModel
+
+
+@dataclass(frozen=True)
+class OnnxQuant:
+    """One ``--quant`` name for ONNX: how the model is derived from the float32 export, and its thresholds."""
+
+    method: str
+    thresholds: Thresholds
+
+
+# Thresholds. fp32 is the same computation in another engine (FACTS.md: within 1.5e-6 on a small Llama).
+# int8 quantizes weights per output channel and activations per tensor at run time (dynamic), which costs more
+# accuracy than llama.cpp's q8_0 blocks of 32; int4 is MatMulNBits with blocks of 32.
+ONNX_QUANTS: dict[str, OnnxQuant] = {
+    "fp32": OnnxQuant("export", Thresholds(max_logit_diff=1e-3, min_top1=1.0, greedy_equal=True)),
+    "int8": OnnxQuant("dynamic-int8", Thresholds(max_logit_diff=5.0, min_top1=0.7, greedy_equal=False)),
+    "int4": OnnxQuant("matmul-nbits", Thresholds(max_logit_diff=6.0, min_top1=0.7, greedy_equal=False)),
+}
+DEFAULT_ONNX_QUANTS = ("fp32", "int8", "int4")
+
+# Input and output names of the exported decoder, declared once (they are optimum's for text-generation-with-past).
+ONNX_OPSET = 18  # FACTS.md: opset 18 or newer is recommended for llama
+ONNX_TASK = "text-generation-with-past"
+MODEL_FILE = "model.onnx"
+INPUT_IDS = "input_ids"
+ATTENTION_MASK = "attention_mask"
+POSITION_IDS = "position_ids"
+PAST = "past_key_values.{layer}.{kind}"
+PRESENT = "present.{layer}.{kind}"
+LOGITS = "logits"
+KV_KINDS = ("key", "value")
+# int4: MatMulNBits block of 32 weights per scale (as Q4_0), symmetric. accuracy_level 4 lets the CPU kernel
+# quantize activations to int8 and use integer dot products, the setting onnxruntime recommends for CPU.
+INT4_BLOCK_SIZE = 32
+INT4_ACCURACY_LEVEL = 4
+# Files that optimum writes beside the model and every artifact directory carries.
+SIDE_FILES = ("config.json", "generation_config.json")
+
+
+# ---------------------------------------------------------------------------------------------------- export
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence the tracer warnings and progress prints of torch.onnx and optimum during an export."""
+    loggers = [logging.getLogger(name) for name in ("optimum", "transformers", "torch.onnx")]
+    levels = [log.level for log in loggers]
+    for log in loggers:
+        log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for log, level in zip(loggers, levels):
+            log.setLevel(level)
+
+
+def export_fp32(checkpoint: Path, directory: Path) -> None:
+    """Export a Hugging Face checkpoint to ``directory/model.onnx`` with optimum-onnx."""
+    from optimum.exporters.onnx import main_export
+
+    with _quiet():
+        main_export(str(checkpoint), output=str(directory), task=ONNX_TASK, opset=ONNX_OPSET, device="cpu",
+                    do_validation=False)
+    if not (directory / MODEL_FILE).is_file():
+        raise EdgeDistillError(f"onnx: optimum wrote no {MODEL_FILE} for {checkpoint}")
+
+
+def _external_data(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.iterdir() if p.name.startswith(MODEL_FILE) and p.name != MODEL_FILE)
+
+
+def quantize_int8(src: Path, dst: Path) -> None:
+    """Dynamic int8 quantization: int8 weights per output channel, activations quantized at run time."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with _quiet():
+        quantize_dynamic(src / MODEL_FILE, dst / MODEL_FILE, per_channel=True, weight_type=QuantType.QInt8,
+                         op_types_to_quantize=["MatMul"], use_external_data_format=bool(_external_data(src)))
+
+
+def quantize_int4(src: Path, dst: Path) -> None:
+    """Weight-only int4 quantization of every MatMul with a constant weight (onnxruntime's MatMulNBits)."""
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    with _quiet():
+        quantizer = MatMulNBitsQuantizer(onnx.load(str(src / MODEL_FILE)), block_size=INT4_BLOCK_SIZE,
+                                         is_symmetric=True, accuracy_level=INT4_ACCURACY_LEVEL)
+        quantizer.process()
+        quantizer.model.save_model_to_file(str(dst / MODEL_FILE), use_external_data_format=bool(_external_data(src)))
+
+
+def _copy_side_files(src: Path, dst: Path, tokenizer: Any) -> None:
+    """Config files from the float32 export, and the source's tokenizer (over whatever optimum copied)."""
+    if src != dst:
+        for name in SIDE_FILES:
+            if (src / name).is_file():
+                shutil.copy2(src / name, dst / name)
+    tokenizer.save_pretrained(dst)
+
+
+# ------------------------------------------------------------------------------------------------ onnxruntime
+
+
+def session(model_path: Path, threads: int) -> Any:
+    """A plain onnxruntime CPU session."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    return onnxruntime.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+
+
+def run_onnx(sess: Any, layers: int, kv_heads: int, head_dim: int, prompt_ids: list[list[int]], greedy_prompts: int,
+             greedy_tokens: int = GREEDY_TOKENS) -> tuple[list[np.ndarray], list[list[int]]]:
+    """onnxruntime's logits at every position of each prompt and greedy continuations of the first ones.
+
+    The prompt runs with an empty past; each greedy step feeds the previous step's ``present`` as ``past``.
+    """
+    input_names = {i.name for i in sess.get_inputs()}
+    output_names = [o.name for o in sess.get_outputs()]
+
+    def step(ids: list[int], past: dict[str, np.ndarray], past_length: int) -> tuple[np.ndarray, dict]:
+        feed = {INPUT_IDS: np.array([ids], dtype=np.int64),
+                ATTENTION_MASK: np.ones((1, past_length + len(ids)), dtype=np.int64)}
+        if POSITION_IDS in input_names:
+            feed[POSITION_IDS] = np.arange(past_length, past_length + len(ids), dtype=np.int64)[None]
+        feed.update(past)
+        outputs = dict(zip(output_names, sess.run(output_names, feed)))
+        present = {PAST.format(layer=layer, kind=kind): outputs[PRESENT.format(layer=layer, kind=kind)]
+                   for layer in range(layers) for kind in KV_KINDS}
+        return outputs[LOGITS][0], present
+
+    empty = {PAST.format(layer=layer, kind=kind): np.zeros((1, kv_heads, 0, head_dim), dtype=np.float32)
+             for layer in range(layers) for kind in KV_KINDS}
+    logits, greedy = [], []
+    for index, ids in enumerate(prompt_ids):
+        prompt_logits, past = step(ids, empty, 0)
+        logits.append(np.asarray(prompt_logits, dtype=np.float32))
+        if index >= greedy_prompts:
+            continue
+        tokens = [int(np.argmax(prompt_logits[-1]))]
+        while len(tokens) < greedy_tokens:
+            step_logits, past = step([tokens[-1]], past, len(ids) + len(tokens) - 1)
+            tokens.append(int(np.argmax(step_logits[-1])))
+        greedy.append(tokens)
+    return logits, greedy
+
+
+def check_onnx(directory: Path, quant: str, config: Any, reference: Reference, probes: list[str],
+               expected: list[list[int]], special_texts: list[str], special_expected: list[list[int]],
+               threads: int) -> ParityReport:
+    """Run an artifact directory in plain onnxruntime and its saved tokenizer, and judge both.
+
+    Args:
+        directory: the artifact directory (``model.onnx``, config and tokenizer files).
+        quant: its name in :data:`ONNX_QUANTS` (selects the thresholds).
+        config: the model's transformers config (layers and key/value shapes).
+        reference: PyTorch's answers on the probe prompts.
+        probes: tokenizer probe strings; ``expected`` their Hugging Face ids.
+        special_texts: strings compared with specials added; ``special_expected`` their Hugging Face ids.
+        threads: CPU threads for onnxruntime.
+    """
+    from transformers import AutoTokenizer
+
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    sess = session(directory / MODEL_FILE, threads)
+    logits, greedy = run_onnx(sess, config.num_hidden_layers, config.num_key_value_heads, head_dim,
+                              reference.prompt_ids, len(reference.greedy))
+    del sess
+    saved = AutoTokenizer.from_pretrained(str(directory))
+    matches = count_equal(expected, hf_token_ids(saved, probes))
+    specials = count_equal(special_expected, [saved(t, add_special_tokens=True)["input_ids"] for t in special_texts])
+    return judge(ONNX_QUANTS[quant].thresholds, reference, logits, greedy, matches, len(probes),
+                 specials_equal=specials == len(special_texts))
+
+
+def directory_bytes(directory: Path) -> int:
+    """The model's size: ``model.onnx`` plus any external weight data."""
+    return sum(p.stat().st_size for p in [directory / MODEL_FILE, *_external_data(directory)])
+
+
+# ------------------------------------------------------------------------------------------------------ recipe
+
+
+def export_onnx(source: ExportSource, loaded: LoadedModel, quants: list[str], out: Path, reference: Reference,
+                probes: list[str], threads: int, progress: Callable[[str], None] = print) -> list[StagedArtifact]:
+    """Export ``loaded`` to ONNX, derive each requested quantization, and check every artifact.
+
+    Args:
+        source: where the model came from (recorded in the manifest).
+        loaded: the float32 model, its tokenizer and a checkpoint directory holding both.
+        quants: names from :data:`ONNX_QUANTS`.
+        out: the output directory (exists, writable); temporary directories live there too.
+        reference: PyTorch's answers on the probe prompts.
+        probes: tokenizer probe strings.
+        threads: CPU threads for onnxruntime.
+        progress: called with one line per step.
+
+    Returns:
+        The checked artifact directories, still under temporary names: the caller publishes them.
+    """
+    from edgedistill._deps import require
+
+    for module in ("optimum.exporters.onnx", "onnxruntime", "onnx"):
+        require(module.split(".")[0])
+    config, tokenizer = loaded.model.config, loaded.tokenizer
+    expected = hf_token_ids(tokenizer, probes)
+    special_texts = list(PROBE_PROMPTS)
+    special_expected = [list(tokenizer(text, add_special_tokens=True)["input_ids"]) for text in special_texts]
+
+    base = temp_path(out, f"{source.name}-onnx-fp32")
+    base.mkdir()
+    temporaries, staged = [base], []
+    try:
+        started = time.perf_counter()
+        try:
+            export_fp32(loaded.checkpoint, base)
+        except EdgeDistillError:
+            raise
+        except Exception as err:
+            raise EdgeDistillError(f"onnx: optimum cannot export {source.path} ({type(err).__name__}: {err})") from None
+        _copy_side_files(base, base, tokenizer)
+        convert_seconds = time.perf_counter() - started
+        f32_bytes = directory_bytes(base)
+        progress(f"onnx: exported the float32 decoder ({f32_bytes / 1e6:.1f} MB) in {convert_seconds:.1f}s")
+        for quant in sorted(quants, key=lambda name: name == "fp32"):
+            final = out / f"{source.name}-onnx-{quant}"
+            started = time.perf_counter()
+            if quant == "fp32":
+                directory, seconds = base, convert_seconds
+            else:
+                directory = temp_path(out, final.name)
+                directory.mkdir()
+                temporaries.append(directory)
+                (quantize_int8 if quant == "int8" else quantize_int4)(base, directory)
+                _copy_side_files(base, directory, tokenizer)
+                seconds = time.perf_counter() - started
+            started = time.perf_counter()
+            report = check_onnx(directory, quant, config, reference, probes, expected, special_texts,
+                                special_expected, threads)
+            model_file = directory / MODEL_FILE
+            record = ArtifactRecord(
+                path=f"{final.name}/{MODEL_FILE}", bytes=directory_bytes(directory), sha256=sha256_file(model_file),
+                format="onnx", quantization=quant, parameters=loaded.parameters, f32_bytes=f32_bytes,
+                seconds=seconds, parity=report.to_dict(), source=source.describe(),
+                details={"method": ONNX_QUANTS[quant].method, "opset": ONNX_OPSET, "task": ONNX_TASK,
+                         "directory": final.name, "external_data": [p.name for p in _external_data(directory)],
+                         "conversion_seconds": round(convert_seconds, 3),
+                         "parity_seconds": round(time.perf_counter() - started, 3)},
+            )
+            staged.append(StagedArtifact(directory, final, record))
+            progress(f"onnx: {final.name}: {record.bytes / 1e6:.1f} MB in {seconds:.1f}s; parity "
+                     f"{'passed' if report.passed else 'FAILED: ' + '; '.join(report.failures)}")
+    except BaseException:
+        for path in temporaries:
+            remove_path(path)
+        raise
+    if "fp32" not in quants:
+        remove_path(base)
+    return staged
