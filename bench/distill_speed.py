@@ -56,7 +56,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     from edgedistill.distill.config import TrainConfig
     from edgedistill.distill.data import PackedData
-    from edgedistill.distill.heads import DistillationObjective, SupervisedLogits, teacher_dtype
+    from edgedistill.distill.heads import (
+        DistillationObjective,
+        SupervisedLogits,
+        release_free_memory,
+        teacher_dtype,
+        teacher_signal,
+    )
     from edgedistill.distill.train import _batch, make_optimizer, train_step
 
     torch.set_num_threads(args.threads)
@@ -74,10 +80,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     )
     device = torch.device("cpu")
     teacher = _llama(args.vocab, args.teacher_hidden, args.teacher_layers, args.heads, args.kv_heads, seed=1)
-    teacher.to(teacher_dtype(config, device)).eval().requires_grad_(False)
+    teacher.to(teacher_dtype(config.teacher_dtype, device)).eval().requires_grad_(False)
     student = _llama(args.vocab, args.student_hidden, args.student_layers, args.heads, args.kv_heads, seed=2).train()
-    objective, teacher_head = DistillationObjective(student, config), SupervisedLogits(teacher)
+    objective = DistillationObjective(student, config, chunked=not args.unchunked)
+    teacher_head = SupervisedLogits(teacher) if args.alpha < 1 else None
     optimizer, scheduler = make_optimizer(student, config)
+    release_free_memory()  # as the recipe does after loading: model construction garbage is not training memory
 
     rng = np.random.default_rng(0)
     rows = args.batch_size * (args.steps + args.warmup)
@@ -89,7 +97,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for step in range(args.warmup + args.steps):
         batch = _batch(data, slice(step * args.batch_size, (step + 1) * args.batch_size), device)
         start = time.perf_counter()
-        train_step(objective, teacher_head if args.alpha < 1 else None, [batch], optimizer, scheduler, config.grad_clip)
+        signal = teacher_signal(teacher_head, batch[0], batch[1])
+        train_step(objective, [(*batch, signal)], optimizer, scheduler, config.grad_clip)
         if step >= args.warmup:
             times.append(time.perf_counter() - start)
     tokens = args.batch_size * args.seq_len
@@ -99,7 +108,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "hidden": args.teacher_hidden,
             "layers": args.teacher_layers,
             "parameters": sum(p.numel() for p in teacher.parameters()),
-            "dtype": str(teacher_dtype(config, device)).removeprefix("torch."),
+            "dtype": str(teacher_dtype(config.teacher_dtype, device)).removeprefix("torch."),
         },
         "student": {
             "hidden": args.student_hidden,
@@ -142,6 +151,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--loss", default="fkl")
     parser.add_argument("--teacher-dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    parser.add_argument(
+        "--unchunked",
+        action="store_true",
+        help="reference: the whole batch's [positions x vocabulary] logits at once, no chunking",
+    )
     args = parser.parse_args(argv)
     result = run(args)
     print(

@@ -155,17 +155,46 @@ def solve_preset_shape(
     return min(candidates, key=lambda c: c[0])[2]
 
 
+class FlagConfig:
+    """Shared by the run configurations: built from defaults, a config file and CLI flags; dumped as a dict."""
+
+    @classmethod
+    def from_sources(cls, config_file: str | None, overrides: dict[str, Any]) -> Any:
+        """Defaults, then the config file's keys, then explicit flags; unknown keys in the file are errors."""
+        values: dict[str, Any] = {}
+        if config_file:
+            names = {f.name for f in dataclasses.fields(cls)}
+            for key, value in load_mapping(config_file).items():
+                name = key.replace("-", "_")
+                if name not in names:
+                    raise EdgeDistillError(f"{config_file}: unknown setting '{key}'")
+                values[name] = value
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        types = {f.name: f.type for f in dataclasses.fields(cls)}
+        for name, value in values.items():
+            expected = types[name]
+            if expected == "float" and isinstance(value, int) and not isinstance(value, bool):
+                values[name] = float(value)
+            elif expected in ("int", "float", "str", "bool") and type(value).__name__ != expected:
+                raise EdgeDistillError(f"{name}: expected a {expected}, got {value!r}")
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
 LOSSES = ("fkl", "rkl", "jsd", "skl", "srkl")
 INITS = ("random", "teacher")
 TEACHER_DTYPES = ("auto", "float32", "bfloat16")
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(FlagConfig):
     """One distillation run. Every field is also a CLI flag (``--field-name``) and a key of ``--config FILE``."""
 
     out: str = ""
     teacher: str = "smollm2-135m"
+    teacher_cache: str = ""  # a directory made by `edgedistill teacher-cache`: train without loading the teacher
     student: str = "tiny"
     init: str = "random"
     data: list[str] = field(default_factory=list)  # empty: the embedded default corpus
@@ -236,26 +265,38 @@ class TrainConfig:
     def warmup(self) -> int:
         return self.warmup_steps if self.warmup_steps >= 0 else max(1, self.steps // 20)
 
-    @classmethod
-    def from_sources(cls, config_file: str | None, overrides: dict[str, Any]) -> TrainConfig:
-        """Defaults, then the config file's keys, then explicit flags; unknown keys in the file are errors."""
-        values: dict[str, Any] = {}
-        if config_file:
-            names = {f.name for f in dataclasses.fields(cls)}
-            for key, value in load_mapping(config_file).items():
-                name = key.replace("-", "_")
-                if name not in names:
-                    raise EdgeDistillError(f"{config_file}: unknown setting '{key}'")
-                values[name] = value
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        types = {f.name: f.type for f in dataclasses.fields(cls)}
-        for name, value in values.items():
-            expected = types[name]
-            if expected == "float" and isinstance(value, int) and not isinstance(value, bool):
-                values[name] = float(value)
-            elif expected in ("int", "float", "str", "bool") and type(value).__name__ != expected:
-                raise EdgeDistillError(f"{name}: expected a {expected}, got {value!r}")
-        return cls(**values)
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+@dataclass
+class CacheConfig(FlagConfig):
+    """One teacher-cache build (``edgedistill teacher-cache``); data packing as in :class:`TrainConfig`."""
+
+    out: str = ""
+    teacher: str = "smollm2-135m"
+    data: list[str] = field(default_factory=list)  # empty: the embedded default corpus
+    seq_len: int = 256
+    top_k: int = 64
+    backend: str = "torch"
+    batch_size: int = 8
+    rows_per_shard: int = 256
+    val_fraction: float = 0.1
+    skip_bad_lines: bool = False
+    device: str = "auto"
+    teacher_dtype: str = "auto"
+    threads: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.data, str):
+            self.data = [self.data]
+        if not self.out:
+            raise EdgeDistillError("out: expected a cache directory (--out DIR)")
+        if self.backend not in ("torch", "llama.cpp"):
+            raise EdgeDistillError(f"backend: expected torch or llama.cpp, got {self.backend!r}")
+        if self.teacher_dtype not in TEACHER_DTYPES:
+            raise EdgeDistillError(
+                f"teacher_dtype: expected one of {', '.join(TEACHER_DTYPES)}, got {self.teacher_dtype!r}"
+            )
+        for name in ("seq_len", "top_k", "batch_size", "rows_per_shard"):
+            if getattr(self, name) <= 0:
+                raise EdgeDistillError(f"{name}: expected a positive integer, got {getattr(self, name)!r}")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise EdgeDistillError(f"val_fraction: expected a number in (0, 1), got {self.val_fraction!r}")

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from edgedistill.distill.config import TrainConfig
-from edgedistill.distill.losses import chunked_distillation_loss, distillation_loss
+from edgedistill.distill.losses import chunked_distillation_loss, distillation_loss, sparse_distillation_loss
 
 
 def _direct(model: Any) -> bool:
@@ -54,10 +54,15 @@ class DistillationObjective(SupervisedLogits):
     module whose output is the loss. The teacher's side is passed in as hidden states plus head weight (or logits).
     """
 
-    def __init__(self, student: Any, config: TrainConfig) -> None:
+    def __init__(self, student: Any, config: TrainConfig, chunked: bool = True) -> None:
         super().__init__(student)
+        self.chunked = chunked and self.direct  # soft-capped heads go through the model's own forward
         self.options = dict(
-            alpha=config.alpha, temperature=config.temperature, name=config.loss, beta=config.jsd_beta, skew=config.skew
+            alpha=config.alpha,
+            temperature=config.temperature,
+            name=config.loss,
+            beta=config.jsd_beta,
+            skew=config.skew,
         )
 
     def forward(
@@ -69,28 +74,41 @@ class DistillationObjective(SupervisedLogits):
         teacher: dict[str, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, Any]:
         teacher = teacher or {}
+        if self.chunked:
+            with autocast(input_ids.device):
+                hidden = self.hidden(input_ids, positions)
+            return chunked_distillation_loss(
+                hidden.float(), self.head_weight, labels, weights, **teacher, **self.options
+            )
+        # The reference path: the whole batch's logits at once (models with post-processed logits, benchmarks).
         with autocast(input_ids.device):
-            if not self.direct:
-                student_logits = super().forward(input_ids, positions)
-                teacher_logits = teacher.get("teacher_logits")
-                if teacher_logits is None and "teacher_hidden" in teacher:
-                    teacher_logits = torch.nn.functional.linear(
-                        teacher["teacher_hidden"], teacher["teacher_head_weight"]
-                    )
-                shared = (
-                    student_logits.shape[-1]
-                    if teacher_logits is None
-                    else min(student_logits.shape[-1], teacher_logits.shape[-1])
-                )
-                return distillation_loss(
-                    student_logits[:, :shared],
-                    None if teacher_logits is None else teacher_logits[:, :shared],
-                    labels,
-                    weights,
-                    **self.options,
-                )
-            hidden = self.hidden(input_ids, positions)
-        return chunked_distillation_loss(hidden.float(), self.head_weight, labels, weights, **teacher, **self.options)
+            student_logits = super().forward(input_ids, positions)
+        if "teacher_ids" in teacher:
+            options = {k: self.options[k] for k in ("alpha", "temperature")}
+            return sparse_distillation_loss(
+                student_logits,
+                teacher["teacher_ids"],
+                teacher["teacher_logprobs"],
+                teacher["teacher_tail"],
+                labels,
+                weights,
+                **options,
+            )
+        teacher_logits = teacher.get("teacher_logits")
+        if teacher_logits is None and "teacher_hidden" in teacher:
+            teacher_logits = torch.nn.functional.linear(teacher["teacher_hidden"], teacher["teacher_head_weight"])
+        shared = (
+            student_logits.shape[-1]
+            if teacher_logits is None
+            else min(student_logits.shape[-1], teacher_logits.shape[-1])
+        )
+        return distillation_loss(
+            student_logits[:, :shared],
+            None if teacher_logits is None else teacher_logits[:, :shared],
+            labels,
+            weights,
+            **self.options,
+        )
 
 
 def teacher_signal(
@@ -113,10 +131,44 @@ def autocast(device: torch.device) -> Any:
     return contextlib.nullcontext()
 
 
-def teacher_dtype(config: TrainConfig, device: torch.device) -> torch.dtype:
-    """``--teacher-dtype``: explicit, or ``auto`` = bfloat16 on CUDA, float32 on CPU."""
-    if config.teacher_dtype == "float32":
+def release_free_memory() -> None:
+    """Hand the C heap's free pages back to the OS (glibc ``malloc_trim``). Building and loading models leaves
+    hundreds of MB of freed-but-kept heap behind, which otherwise counts in the process's resident memory for
+    the whole run. A no-op where glibc is absent."""
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    name = ctypes.util.find_library("c")
+    if name:
+        try:
+            ctypes.CDLL(name).malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this x86 CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX), read from /proc/cpuinfo."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            flags = next((line for line in handle if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def teacher_dtype(choice: str, device: torch.device) -> torch.dtype:
+    """``--teacher-dtype``: explicit, or ``auto``: bfloat16 on CUDA and on CPUs with native bf16 matmuls, else fp32.
+
+    The teacher only runs forward, without gradients, and its logits are upcast to fp32 before the softmax. On this
+    project's Zen 4 machines a bf16 forward of SmolLM2-135M ran about 4.6x faster than fp32 (2,440 vs 530 tokens/s,
+    2 threads); its weights are a Q4_1 GGUF dequantized, so bf16 rounding is far below the quantization error.
+    """
+    if choice == "float32":
         return torch.float32
-    if config.teacher_dtype == "bfloat16":
+    if choice == "bfloat16":
         return torch.bfloat16
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16()):
+        return torch.bfloat16
+    return torch.float32

@@ -193,19 +193,67 @@ def distillation_loss(
     return mix(ce, kd, alpha), ce, kd
 
 
-def chunk_rows(vocab_size: int, budget_bytes: int = 64 << 20) -> int:
-    """Positions per chunk so that one [chunk, V] float32 tensor stays within ``budget_bytes`` (64 MiB)."""
-    return max(16, budget_bytes // (4 * vocab_size))
+def sparse_distillation_loss(
+    student_logits: Tensor,
+    teacher_ids: Tensor,
+    teacher_logprobs: Tensor,
+    teacher_tail: Tensor,
+    labels: Tensor,
+    weights: Tensor | None = None,
+    alpha: float = 0.5,
+    temperature: float = 1.0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``alpha * CE + (1 - alpha) * sparse_forward_kl``: the seed's mix with a cached top-K teacher.
+    Shapes as in :func:`sparse_forward_kl`; ``labels``: [N]; returns ``(total, ce, kd)``."""
+    ce = cross_entropy(student_logits, labels, weights)
+    kd = sparse_forward_kl(student_logits, teacher_ids, teacher_logprobs, teacher_tail, weights, temperature)
+    return mix(ce, kd, alpha), ce, kd
+
+
+def sparse_forward_kl(
+    student_logits: Tensor,
+    teacher_ids: Tensor,
+    teacher_logprobs: Tensor,
+    teacher_tail: Tensor,
+    weights: Tensor | None = None,
+    temperature: float = 1.0,
+) -> Tensor:
+    """T² · KL(teacher || student) over K + 1 buckets: the teacher's top-K tokens and one bucket for the rest.
+
+    ``student_logits``: [N, V]; ``teacher_ids``: [N, K] (int); ``teacher_logprobs``: [N, K], the teacher's
+    log-probabilities at T = 1; ``teacher_tail``: [N], log of the teacher's mass outside its top K; -> scalar.
+    The temperature is applied to the stored log-probabilities (log p / T, renormalised over the buckets); the tail
+    bucket is tempered as one token of its mass, exact at T = 1 and an approximation otherwise. With K = V the tail
+    is empty and this is :func:`forward_kl`; for any K it is a proper divergence (zero when the student's buckets
+    equal the teacher's, which holds when the student's distribution equals the teacher's).
+    """
+    teacher_buckets = torch.cat([_upcast(teacher_logprobs), _upcast(teacher_tail).unsqueeze(-1)], dim=-1)
+    teacher = F.log_softmax(teacher_buckets / temperature, dim=-1)  # [N, K + 1]
+    student = _log_probs(student_logits, temperature)  # [N, V]
+    student_top = student.gather(-1, teacher_ids)
+    student_tail = student.scatter(-1, teacher_ids, float("-inf")).logsumexp(-1, keepdim=True)
+    student_buckets = torch.cat([student_top, student_tail], dim=-1)
+    teacher_probs = teacher.exp()
+    # 0 · log 0 = 0: an empty tail (K = V, or all mass in the top K) contributes nothing
+    terms = torch.where(teacher_probs > 0, teacher_probs * (teacher - student_buckets), torch.zeros_like(teacher))
+    return temperature**2 * _reduce(terms.sum(-1), weights)
+
+
+def chunk_rows(vocab_size: int, budget_bytes: int = 8 << 20, min_rows: int = 128) -> int:
+    """Positions per chunk: one [chunk, V] float32 tensor within ``budget_bytes`` (8 MiB: about ten such tensors
+    live at once inside a chunk), but at least ``min_rows`` so that the head's matmul stays efficient."""
+    return max(min_rows, budget_bytes // (4 * vocab_size))
 
 
 class _ChunkedDistillation(torch.autograd.Function):
     """Loss and its gradients computed chunk by chunk in the forward pass (the idea of Liger Kernel's fused
     linear losses): no [N, V] logits, probabilities or gradients of the whole batch ever exist at once, only those
-    of one chunk. The per-chunk math is :func:`distillation_loss`, differentiated by autograd."""
+    of one chunk. The per-chunk math is :func:`distillation_loss` (or :func:`sparse_distillation_loss`),
+    differentiated by autograd."""
 
     @staticmethod
     def forward(
-        ctx, hidden, head_weight, teacher_hidden, teacher_head_weight, teacher_logits, labels, weights, options
+        ctx, hidden, head_weight, teacher_hidden, teacher_head_weight, teacher_logits, sparse, labels, weights, options
     ):
         alpha, temperature, name, beta, skew, chunk = options
         supervised = (weights > 0).to(torch.int64)
@@ -222,28 +270,35 @@ class _ChunkedDistillation(torch.autograd.Function):
             piece = hidden[rows].detach().requires_grad_(True)
             with torch.enable_grad():
                 student_logits = F.linear(piece, weight)
-                if teacher_logits is not None:
-                    chunk_teacher = teacher_logits[rows]
-                elif teacher_hidden is not None:
-                    chunk_teacher = F.linear(teacher_hidden[rows], teacher_head_weight)
+                if sparse is not None:
+                    total, ce, kd = sparse_distillation_loss(
+                        student_logits,
+                        *(part[rows] for part in sparse),
+                        labels[rows],
+                        weights[rows],
+                        alpha,
+                        temperature,
+                    )
                 else:
-                    chunk_teacher = None
-                vocab = (
-                    student_logits.shape[-1]
-                    if chunk_teacher is None
-                    else min(student_logits.shape[-1], chunk_teacher.shape[-1])
-                )
-                total, ce, kd = distillation_loss(
-                    student_logits[:, :vocab],
-                    None if chunk_teacher is None else chunk_teacher[:, :vocab],
-                    labels[rows],
-                    weights[rows],
-                    alpha,
-                    temperature,
-                    name,
-                    beta,
-                    skew,
-                )
+                    if teacher_logits is not None:
+                        chunk_teacher = teacher_logits[rows]
+                    elif teacher_hidden is not None:
+                        chunk_teacher = F.linear(teacher_hidden[rows], teacher_head_weight)
+                    else:
+                        chunk_teacher = None
+                    vocab = student_logits.shape[-1] if chunk_teacher is None else chunk_teacher.shape[-1]
+                    vocab = min(vocab, student_logits.shape[-1])
+                    total, ce, kd = distillation_loss(
+                        student_logits[:, :vocab],
+                        None if chunk_teacher is None else chunk_teacher[:, :vocab],
+                        labels[rows],
+                        weights[rows],
+                        alpha,
+                        temperature,
+                        name,
+                        beta,
+                        skew,
+                    )
                 grad_piece, grad_chunk_weight = torch.autograd.grad(total * share, (piece, weight))
             grad_hidden[rows] = grad_piece
             grad_weight += grad_chunk_weight
@@ -257,7 +312,7 @@ class _ChunkedDistillation(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_total, grad_ce, grad_kd):
         grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_total, grad_weight * grad_total, None, None, None, None, None, None
+        return grad_hidden * grad_total, grad_weight * grad_total, None, None, None, None, None, None, None
 
 
 def chunked_distillation_loss(
@@ -268,6 +323,9 @@ def chunked_distillation_loss(
     teacher_hidden: Tensor | None = None,
     teacher_head_weight: Tensor | None = None,
     teacher_logits: Tensor | None = None,
+    teacher_ids: Tensor | None = None,
+    teacher_logprobs: Tensor | None = None,
+    teacher_tail: Tensor | None = None,
     alpha: float = 0.5,
     temperature: float = 1.0,
     name: str = "fkl",
@@ -280,16 +338,21 @@ def chunked_distillation_loss(
 
     ``hidden``: [N, H] student hidden states at the supervised positions; ``head_weight``: [V, H] the student's LM
     head (tied embedding); the teacher is either ``teacher_hidden`` [N, Ht] with ``teacher_head_weight`` [Vt, Ht], or
-    full ``teacher_logits`` [N, Vt], or nothing when ``alpha == 1``; ``labels``, ``weights``: [N]. Logits are cut
-    to the rows both vocabularies share. ``chunk`` positions at a time (default: :func:`chunk_rows`).
+    full ``teacher_logits`` [N, Vt], or a cached top-K (``teacher_ids``, ``teacher_logprobs`` [N, K],
+    ``teacher_tail`` [N], see :func:`sparse_forward_kl`), or nothing when ``alpha == 1``; ``labels``, ``weights``:
+    [N]. Logits are cut to the rows both vocabularies share. ``chunk`` positions at a time (default:
+    :func:`chunk_rows`).
     """
     if weights is None:
         weights = torch.ones(labels.shape, dtype=torch.float32, device=labels.device)
-    if alpha < 1.0 and teacher_logits is None and teacher_hidden is None:
+    sparse = None if teacher_ids is None else (teacher_ids, teacher_logprobs, teacher_tail)
+    has_teacher = teacher_logits is not None or teacher_hidden is not None or sparse is not None
+    if alpha < 1.0 and not has_teacher:
         raise ValueError("chunked_distillation_loss: a teacher is required when alpha < 1")
+    if sparse is not None and name != "fkl":
+        raise ValueError("chunked_distillation_loss: a cached top-K teacher supports the forward KL (fkl) only")
     options = (alpha, temperature, name, beta, skew, chunk or chunk_rows(head_weight.shape[0]))
     total, ce, kd = _ChunkedDistillation.apply(
-        hidden, head_weight, teacher_hidden, teacher_head_weight, teacher_logits, labels, weights, options
+        hidden, head_weight, teacher_hidden, teacher_head_weight, teacher_logits, sparse, labels, weights, options
     )
-    has_teacher = teacher_logits is not None or teacher_hidden is not None
     return total, ce, (kd if has_teacher else None)

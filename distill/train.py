@@ -25,7 +25,6 @@ from edgedistill.distill import teacher as teachers
 from edgedistill.distill.config import TrainConfig
 from edgedistill.distill.data import PackedData, load_data
 from edgedistill.distill.student import (
-    VocabAudit,
     audit_vocab,
     build_student,
     init_from_teacher,
@@ -183,26 +182,17 @@ def make_optimizer(student: Any, config: TrainConfig) -> tuple[Any, Any]:
 
 
 def train_step(
-    objective: Any,
-    teacher_head: Any,
-    micro_batches: list[tuple[Any, Any, Any, Any]],
-    optimizer: Any,
-    scheduler: Any,
-    grad_clip: float,
+    objective: Any, micro_batches: list[tuple[Any, ...]], optimizer: Any, scheduler: Any, grad_clip: float
 ) -> tuple[list[float], float]:
-    """One optimizer step over ``micro_batches`` (gradient accumulation); returns ([loss, ce, kd] means, grad norm).
-
-    ``objective`` (a :class:`DistillationObjective`, possibly inside DistributedDataParallel) returns the loss;
-    gradients are all-reduced on the last micro-batch only. ``teacher_head`` is None for CE-only training.
+    """One optimizer step over ``micro_batches`` of (inputs, positions, labels, weights, teacher signal) — gradient
+    accumulation; returns ([loss, ce, kd] means, grad norm). ``objective`` (a :class:`DistillationObjective`,
+    possibly inside DistributedDataParallel) returns the loss; gradients are all-reduced on the last micro-batch.
     """
     import torch
 
-    from edgedistill.distill.heads import teacher_signal
-
     sums = [0.0, 0.0, 0.0]
     count = len(micro_batches)
-    for index, (inputs, positions, labels, weights) in enumerate(micro_batches):
-        teacher = teacher_signal(teacher_head, inputs, positions)
+    for index, (inputs, positions, labels, weights, teacher) in enumerate(micro_batches):
         defer_sync = index < count - 1 and hasattr(objective, "no_sync")
         with objective.no_sync() if defer_sync else contextlib.nullcontext():
             loss, ce, kd = objective(inputs, positions, labels, weights, teacher)
@@ -217,39 +207,80 @@ def train_step(
     return sums, float(grad_norm)
 
 
-# ----------------------------------------------------------------------------------------------------------- evaluation
+TeacherFor = Callable[[str, Any, Any, Any], "dict[str, Any] | None"]
+
+
+def online_teacher(teacher: Any) -> TeacherFor:
+    """The live teacher as a provider of the objective's teacher signal (hidden states + head weight)."""
+    from edgedistill.distill.heads import SupervisedLogits, teacher_signal
+
+    head = SupervisedLogits(teacher).eval() if teacher is not None else None
+    return lambda split, rows, inputs, positions: teacher_signal(head, inputs, positions)
+
+
+def cached_teacher(cache: Any) -> TeacherFor:
+    """A :class:`~edgedistill.distill.cache.TeacherCache` as a provider of the objective's teacher signal."""
+    return lambda split, rows, inputs, positions: cache.signal(split, rows, positions)
+
+
 def evaluate(
-    student: Any, teacher: Any, data: PackedData, audit: VocabAudit, batch_size: int, device: Any, max_tokens: int = 0
+    student: Any, teacher_for: TeacherFor | None, data: PackedData, batch_size: int, device: Any, max_tokens: int = 0
 ) -> dict[str, float]:
     """Held-out cross-entropy (every supervised token weighs 1), perplexity, forward KL (T = 1) to the teacher and
-    top-1 agreement with the teacher, over up to ``max_tokens`` supervised tokens (0: all)."""
+    top-1 agreement with the teacher, over up to ``max_tokens`` supervised tokens (0: all). With a cached teacher
+    the KL is the top-K one (``sparse_forward_kl``) and agreement is with the teacher's top-1 id."""
     import torch
 
     from edgedistill.distill.heads import SupervisedLogits, autocast
-    from edgedistill.distill.losses import divergence
+    from edgedistill.distill.losses import chunk_rows, divergence, sparse_forward_kl
 
     student_head = SupervisedLogits(student).eval()
-    teacher_head = SupervisedLogits(teacher).eval() if teacher is not None else None
     totals = {"ce": 0.0, "kd": 0.0, "agree": 0.0, "tokens": 0}
     with torch.no_grad():
         for start in range(0, data.num_sequences, batch_size):
-            inputs, positions, labels, weights = _batch(data, slice(start, start + batch_size), device)
-            count = len(positions)
-            if count == 0:
+            rows = slice(start, start + batch_size)
+            inputs, positions, labels, weights = _batch(data, rows, device)
+            if len(positions) == 0:
                 continue
-            with autocast(device):
-                student_logits = student_head(inputs, positions)[:, : audit.shared_rows].float()
-            totals["ce"] += torch.nn.functional.cross_entropy(student_logits, labels, reduction="sum").item()
-            if teacher_head is not None:
-                teacher_logits = teacher_head(inputs, positions)[:, : audit.shared_rows].float()
-                totals["kd"] += divergence("fkl", student_logits, teacher_logits).item() * count
-                totals["agree"] += (student_logits.argmax(-1) == teacher_logits.argmax(-1)).sum().item()
-            totals["tokens"] += count
+            with autocast(device):  # hidden states, or whole logits for heads that post-process them
+                student_out = (student_head.hidden if student_head.direct else student_head)(inputs, positions).float()
+            teacher = teacher_for("heldout", rows, inputs, positions) if teacher_for is not None else None
+            # [chunk, V] logits at a time, as in training: a batch's full logits would be 2048 x 49,152 floats.
+            chunk = chunk_rows(student_head.head_weight.shape[0])
+            for first in range(0, len(positions), chunk):
+                part = slice(first, first + chunk)
+                student_logits = student_out[part]
+                if student_head.direct:
+                    student_logits = torch.nn.functional.linear(student_logits, student_head.head_weight.float())
+                totals["ce"] += torch.nn.functional.cross_entropy(student_logits, labels[part], reduction="sum").item()
+                count = student_logits.shape[0]
+                totals["tokens"] += count
+                if teacher is None:
+                    continue
+                if "teacher_ids" in teacher:
+                    ids = teacher["teacher_ids"][part]
+                    kd = sparse_forward_kl(
+                        student_logits, ids, teacher["teacher_logprobs"][part], teacher["teacher_tail"][part]
+                    )
+                    teacher_top1 = ids[:, 0]
+                else:
+                    if "teacher_logits" in teacher:
+                        teacher_logits = teacher["teacher_logits"][part]
+                    else:
+                        teacher_logits = torch.nn.functional.linear(
+                            teacher["teacher_hidden"][part], teacher["teacher_head_weight"]
+                        )
+                    shared = min(student_logits.shape[-1], teacher_logits.shape[-1])
+                    teacher_logits = teacher_logits[:, :shared].float()
+                    kd = divergence("fkl", student_logits[:, :shared], teacher_logits)
+                    teacher_top1 = teacher_logits.argmax(-1)
+                totals["kd"] += kd.item() * count
+                totals["agree"] += (student_logits.argmax(-1) == teacher_top1).sum().item()
             if max_tokens and totals["tokens"] >= max_tokens:
                 break
     tokens = max(1, totals["tokens"])
     result = {"tokens": totals["tokens"], "ce": totals["ce"] / tokens, "perplexity": math.exp(totals["ce"] / tokens)}
-    if teacher_head is not None:
+    if teacher_for is not None:
         result.update(kd_to_teacher=totals["kd"] / tokens, top1_agreement=totals["agree"] / tokens)
     student.train()
     return result
@@ -280,19 +311,20 @@ def _save_checkpoint(
         raise
 
 
-def _load_checkpoint(out: Path, config: TrainConfig, data_sha256: str) -> dict[str, Any]:
+def _load_checkpoint(out: Path, config: TrainConfig, data_sha256: str) -> dict[str, Any] | None:
     import torch
 
     path = out / CHECKPOINT
     if not path.is_file():
-        raise EdgeDistillError(f"resume: {path} does not exist; start without --resume")
+        return None  # nothing to resume: --resume starts the run, so that reruns of a script just continue
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:
         raise EdgeDistillError(f"resume: {path} cannot be read ({type(err).__name__})") from None
     saved, current = state["config"], config.to_dict()
+    defaults = TrainConfig().to_dict()  # a setting added after the checkpoint was written had its default then
     for name, value in current.items():
-        if name not in RESUMABLE_CHANGES and saved.get(name) != value:
+        if name not in RESUMABLE_CHANGES and saved.get(name, defaults[name]) != value:
             raise EdgeDistillError(
                 f"resume: {name} is {value!r} but the checkpoint in {out} was trained with {saved.get(name)!r}"
             )
@@ -366,7 +398,8 @@ def train(config: TrainConfig, on_step: StepHook | None = None, progress: bool =
     require("transformers")
     from tqdm import tqdm
 
-    from edgedistill.distill.heads import DistillationObjective, SupervisedLogits, teacher_dtype
+    from edgedistill.distill.cache import TeacherCache, ids_sha256, tokenizer_sha256
+    from edgedistill.distill.heads import DistillationObjective, release_free_memory, teacher_dtype
 
     if not config.out:
         raise EdgeDistillError("out: expected an output directory (--out DIR)")
@@ -383,9 +416,32 @@ def train(config: TrainConfig, on_step: StepHook | None = None, progress: bool =
         torch.manual_seed(config.seed)
         device = dist.device
 
-        source = teachers.resolve_teacher(config.teacher)
-        tokenizer = teachers.load_tokenizer(source)
-        teacher_config = teachers.load_config(source)
+        cache = None
+        if config.teacher_cache:  # the teacher's tokenizer and configuration come with the cache; no weights
+            from transformers import AutoConfig, AutoTokenizer
+
+            cache = TeacherCache(Path(config.teacher_cache))
+            if config.init == "teacher":
+                raise EdgeDistillError(
+                    "init: --init teacher needs the teacher's weights, which a --teacher-cache run does not load"
+                )
+            if config.loss != "fkl" and config.alpha < 1.0:
+                raise EdgeDistillError(
+                    f"loss: a teacher cache holds a top-K, which supports fkl only, got {config.loss}"
+                )
+            tokenizer = AutoTokenizer.from_pretrained(config.teacher_cache)
+            teacher_config = AutoConfig.from_pretrained(config.teacher_cache)
+            teacher_info = dict(cache.manifest.teacher, cache=config.teacher_cache, top_k=cache.manifest.top_k)
+        else:
+            source = teachers.resolve_teacher(config.teacher)
+            tokenizer = teachers.load_tokenizer(source)
+            teacher_config = teachers.load_config(source)
+            teacher_info = {
+                "spec": config.teacher,
+                "name": source.name,
+                "path": str(source.path),
+                "sha256": source.fingerprint(),
+            }
         student_tokenizer = None
         if Path(config.student).is_dir():
             student, student_tokenizer = load_student_checkpoint(Path(config.student))
@@ -397,30 +453,37 @@ def train(config: TrainConfig, on_step: StepHook | None = None, progress: bool =
         )
         if stats.bad_lines and dist.is_main:
             print(f"skipped {stats.bad_lines} malformed line(s); first: {stats.bad_examples[0]}")
+        if cache is not None:
+            cache.check_run(config.seq_len, ids_sha256(train_data.ids, heldout.ids), tokenizer_sha256(tokenizer))
 
-        needs_teacher = config.alpha < 1.0
+        needs_teacher = config.alpha < 1.0 and cache is None
         teacher = None
-        if needs_teacher or config.init == "teacher":
-            teacher = teachers.load_model(source, teacher_dtype(config, device), device)
-        if config.init == "teacher":
+        if config.init == "teacher":  # copy full-precision weights, then run the teacher in its own dtype
+            teacher = teachers.load_model(source, torch.float32, device)
             init_from_teacher(student, teacher)
-        if not needs_teacher:
-            teacher = None  # CE-only: the teacher is loaded again only for the final evaluation
+            teacher = teacher.to(teacher_dtype(config.teacher_dtype, device)) if needs_teacher else None
+        elif needs_teacher:
+            teacher = teachers.load_model(source, teacher_dtype(config.teacher_dtype, device), device)
+        # CE-only (alpha 1): no teacher in memory while training; it is loaded for the final evaluation only.
         student.to(device).train()
         student_params = sum(p.numel() for p in student.parameters())
+        release_free_memory()
 
         objective: Any = DistillationObjective(student, config)
         if dist.world_size > 1:
             from torch.nn.parallel import DistributedDataParallel
 
             objective = DistributedDataParallel(objective, device_ids=[device] if device.type == "cuda" else None)
-        teacher_head = SupervisedLogits(teacher) if teacher is not None else None
+        if cache is not None:
+            teacher_for: TeacherFor | None = cached_teacher(cache) if config.alpha < 1.0 else None
+        else:
+            teacher_for = online_teacher(teacher) if teacher is not None else None
 
         optimizer, scheduler = make_optimizer(student, config)
         start_step = 0
         metrics_path = out / METRICS
-        if config.resume:
-            state = _load_checkpoint(out, config, stats.sha256)
+        state = _load_checkpoint(out, config, stats.sha256) if config.resume else None
+        if state is not None:
             student.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
@@ -446,18 +509,20 @@ def train(config: TrainConfig, on_step: StepHook | None = None, progress: bool =
         metrics: dict[str, float] = {}
         for step in range(start_step + 1, config.steps + 1):
             step_start = time.perf_counter()
-            micro_batches = [
-                _batch(train_data, order.rows((step - 1) * config.grad_accum + micro), device)
-                for micro in range(config.grad_accum)
-            ]
-            sums, grad_norm = train_step(objective, teacher_head, micro_batches, optimizer, scheduler, config.grad_clip)
+            micro_batches = []
+            for micro in range(config.grad_accum):
+                rows = order.rows((step - 1) * config.grad_accum + micro)
+                inputs, positions, labels, weights = _batch(train_data, rows, device)
+                teacher = teacher_for("train", rows, inputs, positions) if teacher_for is not None else None
+                micro_batches.append((inputs, positions, labels, weights, teacher))
+            sums, grad_norm = train_step(objective, micro_batches, optimizer, scheduler, config.grad_clip)
             loss_value, ce_value, kd_value = dist.all_mean(sums)
             seconds = time.perf_counter() - step_start
             metrics = {
                 "step": step,
                 "loss": loss_value,
                 "ce": ce_value,
-                "kd": kd_value if needs_teacher else None,
+                "kd": kd_value if teacher_for is not None else None,
                 "lr": scheduler.get_last_lr()[0],
                 "grad_norm": grad_norm,
                 "seconds": seconds,
@@ -470,7 +535,7 @@ def train(config: TrainConfig, on_step: StepHook | None = None, progress: bool =
                 if step % config.save_every == 0 or step == config.steps:
                     _save_checkpoint(out, step, student, optimizer, scheduler, config, stats.sha256)
                 postfix = {"loss": f"{loss_value:.3f}", "ce": f"{ce_value:.3f}"}
-                if needs_teacher:
+                if teacher_for is not None:
                     postfix["kd"] = f"{kd_value:.3f}"
                 postfix["tok/s"] = f"{metrics['tokens_per_second']:.0f}"
                 bar.set_postfix(postfix, refresh=False)
@@ -484,23 +549,20 @@ def train(config: TrainConfig, on_step: StepHook | None = None, progress: bool =
         # ---------------------------------------------------------------- save
         summary: dict[str, Any] = {}
         if dist.is_main:
-            del optimizer
-            if teacher is None:
-                teacher = teachers.load_model(source, teacher_dtype(config, device), device)
-            result = evaluate(student, teacher, heldout, audit, config.batch_size, device, config.eval_tokens)
-            teacher = teacher_head = objective = None
+            del optimizer, micro_batches
+            if cache is not None:
+                teacher_for = cached_teacher(cache)
+            elif teacher is None:  # CE-only training: the teacher is needed now, for the comparison
+                teacher = teachers.load_model(source, teacher_dtype(config.teacher_dtype, device), device)
+                teacher_for = online_teacher(teacher)
+            result = evaluate(student, teacher_for, heldout, config.batch_size, device, config.eval_tokens)
+            teacher = teacher_for = objective = None
             _save_final(out, student, tokenizer)
             (out / CHECKPOINT).unlink(missing_ok=True)  # the run is complete: the final checkpoint replaces it
             steps_run = config.steps - start_step
             summary = {
                 "edgedistill_version": __version__,
-                "teacher": {
-                    "spec": config.teacher,
-                    "name": source.name,
-                    "path": str(source.path),
-                    "sha256": source.fingerprint(),
-                    "vocab_rows": audit.teacher_rows,
-                },
+                "teacher": dict(teacher_info, vocab_rows=audit.teacher_rows),
                 "student": {
                     "spec": config.student,
                     "parameters": student_params,

@@ -15,6 +15,12 @@ _INSTALL_HINTS = {
     "safetensors": "pip install 'edgedistill[distill]'",
     "matplotlib": "pip install 'edgedistill[distill]'",
     "accelerate": "pip install 'edgedistill[distill]'",
+    "llama_cpp": "pip install 'edgedistill[export]' (llama-cpp-python compiles llama.cpp: several minutes)",
+    "optimum": "pip install 'edgedistill[export]'",
+    "onnxruntime": "pip install 'edgedistill[export]'",
+    "onnx": "pip install 'edgedistill[export]'",
+    "onnx_ir": "pip install 'edgedistill[export]'",
+    "gguf": "pip install gguf",
 }
 
 

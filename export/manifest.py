@@ -7,6 +7,7 @@ the same way, so a reader never sees a record for a file that is not complete.
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import os
 import shutil
@@ -38,7 +39,10 @@ class ArtifactRecord:
         f32_bytes: size of the same model in the format's 32-bit form, for the size ratio.
         seconds: time to produce this file from the shared conversion (quantization, or the conversion itself).
         parity: :class:`~edgedistill.export.parity.ParityReport` as a dict.
-        details: format-specific facts (the GGUF pre-tokenizer choice, ONNX opset, ...).
+        source: what the model was exported from (:meth:`ExportSource.describe`).
+        details: format-specific facts (the GGUF pre-tokenizer choice, ONNX opset, how parity ran, tool versions).
+        passed: derived: whether parity passed.
+        size_ratio_to_f32: derived: ``bytes / f32_bytes``.
     """
 
     path: str
@@ -52,8 +56,8 @@ class ArtifactRecord:
     parity: dict[str, Any]
     source: dict[str, Any] = field(default_factory=dict)
     details: dict[str, Any] = field(default_factory=dict)
-    passed: bool = False
-    size_ratio_to_f32: float = 0.0
+    passed: bool = field(init=False)
+    size_ratio_to_f32: float = field(init=False)
     edgedistill_version: str = __version__
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
 
@@ -85,6 +89,17 @@ class StagedArtifact:
 
     def discard(self) -> None:
         remove_path(self.tmp)
+
+
+def tool_versions(*distributions: str) -> dict[str, str | None]:
+    """Installed versions of the libraries an artifact was made and checked with."""
+    versions: dict[str, str | None] = {}
+    for name in distributions:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
 
 
 def sha256_file(path: Path) -> str:

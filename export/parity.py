@@ -22,6 +22,12 @@ PROBE_PROMPTS = [
     "def fibonacci(n):\n    if n < 2:\n        return n\n    return",
     "Monday, 3 March 2025: the temperature rose from 12.5 to 19 degrees, and 1,024 people",
     "Once upon a time, in a small village by the sea, there lived",
+    "Photosynthesis is the process by which green plants use sunlight, water and carbon dioxide to make glucose "
+    "and oxygen. It takes place in",
+    "1. Preheat the oven to 180 °C.\n2. Mix the flour, the sugar and two eggs.\n3.",
+    "La tour Eiffel est située à Paris, et elle mesure environ",
+    "Q: If a train travels 60 km in 45 minutes, what is its average speed in km/h?\nA:",
+    '{"name": "Ada Lovelace", "born": 1815, "known_for": [',
 ]
 # A chat conversation rendered through the tokenizer's chat template becomes one more probe prompt.
 PROBE_CHAT = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
@@ -39,17 +45,23 @@ class Thresholds:
     Attributes:
         max_logit_diff: the largest absolute difference between the artifact's and PyTorch's logits, over every
             probe position and vocabulary entry.
+        max_mean_logit_diff: bound on the mean absolute difference over the same entries. For 4-bit weights the
+            largest difference is of the logits' own size even when the export is right; the mean still
+            separates a quantized model from a broken one.
         min_top1: the smallest share of probe positions at which the artifact's argmax equals PyTorch's.
         greedy_equal: whether the 32 greedy tokens must equal PyTorch's on every greedy prompt (lossless formats).
     """
 
     max_logit_diff: float
+    max_mean_logit_diff: float
     min_top1: float
     greedy_equal: bool
 
     def __post_init__(self) -> None:
         if not self.max_logit_diff > 0:
             raise ValueError(f"max_logit_diff must be positive, got {self.max_logit_diff!r}")
+        if not 0 < self.max_mean_logit_diff <= self.max_logit_diff:
+            raise ValueError(f"max_mean_logit_diff must lie in (0, max_logit_diff], got {self.max_mean_logit_diff!r}")
         if not 0 <= self.min_top1 <= 1:
             raise ValueError(f"min_top1 must lie in [0, 1], got {self.min_top1!r}")
 
@@ -74,6 +86,7 @@ class ParityReport:
     """An artifact's parity figures as they go into the manifest."""
 
     max_logit_diff: float
+    mean_logit_diff: float
     top1_agreement: float
     positions: int
     greedy_equal: bool | None
@@ -96,7 +109,7 @@ def probe_prompt_ids(tokenizer: Any, max_positions: int) -> list[list[int]]:
     texts = list(PROBE_PROMPTS)
     if getattr(tokenizer, "chat_template", None):
         texts.append(tokenizer.apply_chat_template(PROBE_CHAT, tokenize=False, add_generation_prompt=True))
-    limit = min(MAX_PROBE_TOKENS, max_positions - GREEDY_TOKENS - 1)
+    limit = max(8, min(MAX_PROBE_TOKENS, max_positions - GREEDY_TOKENS - 1))
     ids = []
     for text in texts:
         # A chat rendering already holds its special tokens; plain text gets what the tokenizer adds (BOS or not).
@@ -112,6 +125,7 @@ def probe_strings(tokenizer: Any = None) -> list[str]:
     scripts, CJK, emoji (with modifiers and joiners), code, and, when ``tokenizer`` is given, its special tokens
     alone, inside text and in a rendered chat conversation.
     """
+    # fmt: off
     numbers = ["0", "7", "42", "123", "1234", "12345", "1234567", "1234567890", "3.14159", "-42", "+7", "0.001",
                "1,000,000", "1 000 000", "2024-01-15", "12:30:59", "0x1F", "0b1010", "1e-5", "6.02e23", "99.9%",
                "$100", "€9,99", "v1.2.3", "+1 (555) 123-4567", "a1b2c3", "Room 101", "3rd", "21st", "1/2",
@@ -156,6 +170,7 @@ def probe_strings(tokenizer: Any = None) -> list[str]:
     ]
     words = ["The quick brown fox", "hello", "Hello", "HELLO", " hello", "hello world", "distillation",
              "antidisestablishmentarianism", "a", "I", "A B C", "x", "ok"]
+    # fmt: on
     strings = numbers + spaces + punctuation + latin + cjk + emoji + code + words
     # Joins of two kinds at once, where pre-tokenizers disagree most: numbers next to letters, spaces before
     # digits, punctuation after CJK, emoji inside words.
@@ -169,8 +184,11 @@ def probe_strings(tokenizer: Any = None) -> list[str]:
         if len(specials) >= 2:
             strings.append("".join(specials))
         if getattr(tokenizer, "chat_template", None):
-            chat = [{"role": "system", "content": "You are brief."}, {"role": "user", "content": "2+2=?  Réponds."},
-                    {"role": "assistant", "content": "4 😀\n\ndone"}]
+            chat = [
+                {"role": "system", "content": "You are brief."},
+                {"role": "user", "content": "2+2=?  Réponds."},
+                {"role": "assistant", "content": "4 😀\n\ndone"},
+            ]
             for rendered in (
                 tokenizer.apply_chat_template(chat, tokenize=False),
                 tokenizer.apply_chat_template(chat[:2], tokenize=False, add_generation_prompt=True),
@@ -195,26 +213,30 @@ def count_equal(expected: list[list[int]], actual: list[list[int]]) -> int:
     return sum(1 for a, b in zip(expected, actual, strict=True) if list(a) == list(b))
 
 
-def compare_logits(reference: list[np.ndarray], candidate: list[np.ndarray]) -> tuple[float, float, int]:
-    """Largest absolute logit difference and top-1 agreement over all probe positions.
+def compare_logits(reference: list[np.ndarray], candidate: list[np.ndarray]) -> tuple[float, float, float, int]:
+    """Largest and mean absolute logit difference and top-1 agreement over all probe positions.
 
     Args:
         reference: per prompt, float array ``[positions, vocab]`` (PyTorch).
         candidate: per prompt, float array of the same shape (the artifact).
 
     Returns:
-        ``(max_abs_diff, top1_agreement, positions)``.
+        ``(max_abs_diff, mean_abs_diff, top1_agreement, positions)``; the mean is over every position and
+        vocabulary entry.
     """
-    max_diff, agree, positions = 0.0, 0, 0
+    max_diff, total_diff, entries, agree, positions = 0.0, 0.0, 0, 0, 0
     for ref, cand in zip(reference, candidate, strict=True):
         ref = np.asarray(ref, dtype=np.float32)
         cand = np.asarray(cand, dtype=np.float32)
         if ref.shape != cand.shape:
             raise ValueError(f"logits shape {cand.shape} differs from the reference's {ref.shape}")
-        max_diff = max(max_diff, float(np.max(np.abs(ref - cand))))
+        diff = np.abs(ref.astype(np.float64) - cand)
+        max_diff = max(max_diff, float(diff.max()))
+        total_diff += float(diff.sum())
+        entries += diff.size
         agree += int(np.sum(ref.argmax(-1) == cand.argmax(-1)))
         positions += ref.shape[0]
-    return max_diff, agree / positions, positions
+    return max_diff, total_diff / entries, agree / positions, positions
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -248,10 +270,12 @@ def judge(
         specials_equal: whether the artifact's tokenizer adds BOS/EOS exactly as the Hugging Face one does on the
             probe prompts (None: not checked).
     """
-    max_diff, top1, positions = compare_logits(reference.logits, logits)
+    max_diff, mean_diff, top1, positions = compare_logits(reference.logits, logits)
     failures = []
     if not max_diff <= thresholds.max_logit_diff:
         failures.append(f"max |logit diff| {max_diff:.4g} > {thresholds.max_logit_diff}")
+    if not mean_diff <= thresholds.max_mean_logit_diff:
+        failures.append(f"mean |logit diff| {mean_diff:.4g} > {thresholds.max_mean_logit_diff}")
     if top1 < thresholds.min_top1:
         failures.append(f"top-1 agreement {top1:.4f} < {thresholds.min_top1}")
     greedy_equal = matching = total = None
@@ -262,20 +286,32 @@ def judge(
         if thresholds.greedy_equal and not greedy_equal:
             failures.append(f"greedy tokens differ from PyTorch's ({matching}/{total} before the first difference)")
     if tokenizer_matches != tokenizer_total:
-        failures.append(f"tokenizer differs from Hugging Face's on {tokenizer_total - tokenizer_matches} "
-                        f"of {tokenizer_total} probe strings")
+        failures.append(
+            f"tokenizer differs from Hugging Face's on {tokenizer_total - tokenizer_matches} "
+            f"of {tokenizer_total} probe strings"
+        )
     if specials_equal is False:
-        failures.append("tokenizer adds BOS/EOS differently from Hugging Face's")
+        failures.append("tokenizer differs from Hugging Face's on the probe prompts with special tokens added")
     return ParityReport(
-        max_logit_diff=max_diff, top1_agreement=top1, positions=positions, greedy_equal=greedy_equal,
-        greedy_tokens_matching=matching, greedy_tokens_total=total, tokenizer_matches=tokenizer_matches,
-        tokenizer_total=tokenizer_total, specials_equal=specials_equal, thresholds=asdict(thresholds),
-        passed=not failures, failures=failures,
+        max_logit_diff=max_diff,
+        mean_logit_diff=mean_diff,
+        top1_agreement=top1,
+        positions=positions,
+        greedy_equal=greedy_equal,
+        greedy_tokens_matching=matching,
+        greedy_tokens_total=total,
+        tokenizer_matches=tokenizer_matches,
+        tokenizer_total=tokenizer_total,
+        specials_equal=specials_equal,
+        thresholds=asdict(thresholds),
+        passed=not failures,
+        failures=failures,
     )
 
 
-def torch_reference(model: Any, prompt_ids: list[list[int]], greedy_prompts: int = GREEDY_PROMPTS,
-                    greedy_tokens: int = GREEDY_TOKENS) -> Reference:
+def torch_reference(
+    model: Any, prompt_ids: list[list[int]], greedy_prompts: int = GREEDY_PROMPTS, greedy_tokens: int = GREEDY_TOKENS
+) -> Reference:
     """PyTorch's logits on every probe prompt and its greedy continuations of the first ``greedy_prompts``.
 
     Greedy decoding here never stops at EOS: 32 tokens are always compared.

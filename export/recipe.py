@@ -47,8 +47,9 @@ class ExportRecipe:
         quants = [q.strip().lower() for q in self.quants if q.strip()] or list(defaults)
         unknown = [q for q in quants if q not in known]
         if unknown:
-            raise EdgeDistillError(f"--quant: unknown {self.format} quantization {unknown[0]!r}; "
-                                   f"choose from {', '.join(known)}")
+            raise EdgeDistillError(
+                f"--quant: unknown {self.format} quantization {unknown[0]!r}; choose from {', '.join(known)}"
+            )
         self.quants = list(dict.fromkeys(quants))
         self.out = Path(self.out)
         if self.threads < 0:

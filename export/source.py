@@ -17,14 +17,13 @@ from typing import Any
 from edgedistill._deps import require
 from edgedistill.distill.gguf_tokenizer import check_gguf_header, read_gguf_metadata
 from edgedistill.distill.teacher import NAMED_TEACHERS, TeacherSource, named_teacher_path
+from edgedistill.distill.train import SUMMARY as TRAIN_SUMMARY
 from edgedistill.errors import EdgeDistillError
 
 # What we can export: the Llama architecture in the forms transformers and gguf-py name it.
 EXPORTABLE_MODEL_TYPES = ("llama",)
 EXPORTABLE_ARCHITECTURES = ("LlamaForCausalLM",)
 EXPORTABLE_GGUF_ARCHITECTURES = ("llama",)
-# Summary that `edgedistill distill` writes beside its checkpoint (distill/train.py, SUMMARY).
-TRAIN_SUMMARY = "train_summary.json"
 
 
 @dataclass
@@ -38,6 +37,7 @@ class ExportSource:
         name: a short model name for file names and ``general.name``.
         license: the licence identifier when the source states one.
         base_model: what the model came from (the teacher of a distilled student, or the source file).
+        sha256: digest of the source's weight file(s), filled in when the model loads.
     """
 
     spec: str
@@ -46,11 +46,19 @@ class ExportSource:
     name: str
     license: str | None = None
     base_model: str | None = None
+    sha256: str | None = None
 
     def describe(self) -> dict[str, Any]:
         """What the manifest records about the source."""
-        return {"spec": self.spec, "kind": self.kind, "path": str(self.path), "name": self.name,
-                "license": self.license, "base_model": self.base_model}
+        return {
+            "spec": self.spec,
+            "kind": self.kind,
+            "path": str(self.path),
+            "name": self.name,
+            "license": self.license,
+            "base_model": self.base_model,
+            "sha256": self.sha256,
+        }
 
     def teacher_source(self) -> TeacherSource:
         return TeacherSource(self.spec, self.kind, self.path)
@@ -71,8 +79,10 @@ def resolve_source(spec: str) -> ExportSource:
     if path.is_file() and path.suffix == ".gguf":
         return _gguf_source(spec, path, name=path.stem)
     if not path.exists():
-        raise EdgeDistillError(f"model: {spec}: no such file or directory (expected a Hugging Face checkpoint "
-                               f"directory, a .gguf file or one of: {', '.join(NAMED_TEACHERS)})")
+        raise EdgeDistillError(
+            f"model: {spec}: no such file or directory (expected a Hugging Face checkpoint "
+            f"directory, a .gguf file or one of: {', '.join(NAMED_TEACHERS)})"
+        )
     raise EdgeDistillError(f"model: {spec}: expected a Hugging Face checkpoint directory or a .gguf file")
 
 
@@ -110,10 +120,18 @@ def _gguf_source(spec: str, path: Path, name: str) -> ExportSource:
     general = read_gguf_metadata(path, "general.")
     architecture = general.get("general.architecture")
     if architecture not in EXPORTABLE_GGUF_ARCHITECTURES:
-        raise EdgeDistillError(f"model: {path}: GGUF architecture {architecture!r} cannot be exported; "
-                               f"supported: {', '.join(EXPORTABLE_GGUF_ARCHITECTURES)}")
-    return ExportSource(spec, "gguf", path, name=clean_name(name), license=general.get("general.license"),
-                        base_model=general.get("general.name") or path.name)
+        raise EdgeDistillError(
+            f"model: {path}: GGUF architecture {architecture!r} cannot be exported; "
+            f"supported: {', '.join(EXPORTABLE_GGUF_ARCHITECTURES)}"
+        )
+    return ExportSource(
+        spec,
+        "gguf",
+        path,
+        name=clean_name(name),
+        license=general.get("general.license"),
+        base_model=general.get("general.name") or path.name,
+    )
 
 
 def clean_name(name: str) -> str:
@@ -166,6 +184,7 @@ def load_source(source: ExportSource) -> LoadedModel:
     if getattr(model.config, "model_type", None) not in EXPORTABLE_MODEL_TYPES:
         raise EdgeDistillError(f"model: {source.path}: loaded as {type(model).__name__}, which cannot be exported")
     parameters = sum(p.numel() for p in model.parameters())  # a tied embedding counts once
+    source.sha256 = source.teacher_source().fingerprint()
     if source.kind == "hf":
         return LoadedModel(model, tokenizer, source.path, parameters)
     tempdir = tempfile.TemporaryDirectory(prefix="edgedistill-export-")

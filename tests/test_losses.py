@@ -183,3 +183,65 @@ def test_chunked_loss_equals_dense_loss_and_gradients(alpha, temperature, name, 
     (2 * total).backward()
     assert torch.allclose(hidden.grad, 2 * expected_grads[0], atol=1e-10)
     assert torch.allclose(head.grad, 2 * expected_grads[1], atol=1e-10)
+
+
+def _topk(teacher_logits, k):
+    log_probs = torch.log_softmax(teacher_logits, -1)
+    values, ids = torch.topk(log_probs, k, -1)
+    tail = log_probs.scatter(-1, ids, float("-inf")).logsumexp(-1)
+    return ids, values, tail
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_sparse_kl_with_full_vocabulary_equals_dense(logits, temperature):
+    s, t, _, w = logits
+    ids, values, tail = _topk(t, V)
+    assert torch.all(torch.isinf(tail))
+    sparse = losses.sparse_forward_kl(s, ids, values, tail, w, temperature)
+    assert sparse.item() == pytest.approx(losses.forward_kl(s, t, w, temperature).item(), rel=1e-9)
+
+
+def test_sparse_kl_with_small_k_is_a_proper_divergence(logits):
+    s, t, _, w = logits
+    ids, values, tail = _topk(t, 3)
+    assert abs(losses.sparse_forward_kl(t.clone(), ids, values, tail, w).item()) < 1e-12  # student == teacher
+    assert losses.sparse_forward_kl(s, ids, values, tail, w).item() > 0
+    # a student that matches the teacher's top-3 and tail bucket exactly, but spreads the tail differently, also
+    # scores zero: the K + 1 buckets are all the cache knows
+    reshuffled = torch.log_softmax(t, -1).clone()
+    for row in range(N):
+        rest = [i for i in range(V) if i not in ids[row].tolist()]
+        reshuffled[row, rest] = reshuffled[row, rest].flip(0)
+    assert abs(losses.sparse_forward_kl(reshuffled, ids, values, tail, w).item()) < 1e-12
+
+
+def test_chunked_sparse_equals_dense_sparse(logits):
+    gen = torch.Generator().manual_seed(3)
+    n, h, v = 23, 8, 17
+    hidden = torch.randn(n, h, generator=gen, dtype=torch.float64, requires_grad=True)
+    head = torch.randn(v, h, generator=gen, dtype=torch.float64, requires_grad=True)
+    ids, values, tail = _topk(torch.randn(n, v, generator=gen, dtype=torch.float64) * 3, 5)
+    labels = torch.randint(0, v, (n,), generator=gen)
+    dense, _, dense_kd = losses.sparse_distillation_loss(hidden @ head.T, ids, values, tail, labels, None, 0.5, 1.5)
+    dense.backward()
+    expected = hidden.grad.clone(), head.grad.clone()
+    hidden.grad = head.grad = None
+    total, _, kd = losses.chunked_distillation_loss(
+        hidden,
+        head,
+        labels,
+        None,
+        teacher_ids=ids,
+        teacher_logprobs=values,
+        teacher_tail=tail,
+        alpha=0.5,
+        temperature=1.5,
+        chunk=4,
+    )
+    assert total.item() == pytest.approx(dense.item(), rel=1e-9) and kd.item() == pytest.approx(dense_kd.item())
+    total.backward()
+    assert torch.allclose(hidden.grad, expected[0]) and torch.allclose(head.grad, expected[1])
+    with pytest.raises(ValueError, match="fkl"):
+        losses.chunked_distillation_loss(
+            hidden, head, labels, None, teacher_ids=ids, teacher_logprobs=values, teacher_tail=tail, name="rkl"
+        )

@@ -1,0 +1,382 @@
+"""Teacher once, students many: an offline top-K teacher cache.
+
+``edgedistill teacher-cache`` runs the teacher once over the packed training and held-out data and stores, for every
+input position, the teacher's top-K token ids with their log-probabilities at temperature 1 and the log of the
+probability mass outside the top K (the *tail*). ``edgedistill distill --teacher-cache`` then trains students from
+it without loading the teacher: a forward KL over K + 1 buckets (``losses.sparse_forward_kl``).
+
+Layout of a cache directory::
+
+    manifest.json            teacher identity and hash, tokenizer hash, data hash, K, seq_len, token count, shards
+    config.json, tokenizer*  the teacher's configuration and tokenizer (what a student needs; no weights)
+    train-00000.npy ...      one structured array [rows, seq_len] per shard: ids (K,), logprobs (K,), tail
+    heldout-00000.npy ...
+
+Every shard is written under a temporary name and renamed into place when complete, so an interrupted build
+resumes at the first missing shard. Shards are read memory-mapped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgedistill import __version__
+from edgedistill.distill.data import PackedData
+from edgedistill.errors import EdgeDistillError
+
+MANIFEST = "manifest.json"
+SCHEMA = 1
+BACKENDS = ("torch", "llama.cpp")
+
+
+def record_dtype(top_k: int, vocab_size: int) -> np.dtype:
+    """One position's record: top-K ids (uint16 while the vocabulary fits), their log-probs, the tail log-mass."""
+    id_type = np.uint16 if vocab_size <= 1 << 16 else np.int32
+    return np.dtype([("ids", id_type, (top_k,)), ("logprobs", np.float32, (top_k,)), ("tail", np.float32)])
+
+
+def ids_sha256(*arrays: np.ndarray) -> str:
+    """Hash of packed token ids: what the teacher's outputs depend on (weights and tags do not matter)."""
+    digest = hashlib.sha256()
+    for array in arrays:
+        digest.update(np.ascontiguousarray(array, dtype=np.int32).tobytes())
+    return digest.hexdigest()
+
+
+def tokenizer_sha256(tokenizer: Any) -> str:
+    """Hash of the tokenizer's full definition (vocabulary, merges, pre-tokenizer, special tokens)."""
+    return hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode("utf-8")).hexdigest()
+
+
+@dataclass
+class CacheManifest:
+    teacher: dict[str, Any]
+    backend: str
+    tokenizer_sha256: str
+    data_sha256: str
+    data_files: list[str]
+    seq_len: int
+    top_k: int
+    vocab_size: int
+    rows_per_shard: int
+    splits: dict[str, int]  # split -> rows
+    tokens: int = 0
+    complete: bool = False
+    seconds: float = 0.0
+    tokens_per_second: float = 0.0
+    schema: int = SCHEMA
+    edgedistill_version: str = __version__
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def shard_names(self, split: str) -> list[str]:
+        count = -(-self.splits[split] // self.rows_per_shard)
+        return [f"{split}-{index:05d}.npy" for index in range(count)]
+
+    def identity(self) -> dict[str, Any]:
+        """What must be equal for an interrupted build to be resumed."""
+        return {
+            k: getattr(self, k)
+            for k in (
+                "teacher",
+                "backend",
+                "tokenizer_sha256",
+                "data_sha256",
+                "seq_len",
+                "top_k",
+                "vocab_size",
+                "rows_per_shard",
+                "splits",
+            )
+        }
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(handle, "w", encoding="utf-8") as out:
+        json.dump(data, out, indent=2)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
+def read_manifest(directory: Path) -> CacheManifest:
+    path = directory / MANIFEST
+    if not path.is_file():
+        raise EdgeDistillError(
+            f"teacher cache: {directory} has no {MANIFEST} (build one with edgedistill teacher-cache)"
+        )
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return CacheManifest(**data)
+    except (json.JSONDecodeError, TypeError) as err:
+        raise EdgeDistillError(f"teacher cache: {path} is not a valid cache manifest ({err})") from None
+
+
+# ------------------------------------------------------------------------------------------------------ backends
+TopK = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]
+
+
+def torch_topk(model: Any, top_k: int, vocab_size: int) -> TopK:
+    """Top-K from a PyTorch teacher: [B, L] ids -> ids [B, L, K], log-probs [B, L, K], tail log-mass [B, L]."""
+    import torch
+
+    def run(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        with torch.no_grad():
+            logits = model(input_ids=torch.from_numpy(ids).long().to(model.device)).logits[..., :vocab_size]
+            return _topk_torch(logits.float(), top_k)
+
+    return run
+
+
+def _topk_torch(logits: Any, top_k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    import torch
+
+    log_probs = torch.log_softmax(logits, dim=-1)
+    values, indices = torch.topk(log_probs, top_k, dim=-1)  # sorted, largest first
+    tail = log_probs.scatter(-1, indices, float("-inf")).logsumexp(-1)
+    return indices.cpu().numpy(), values.cpu().numpy(), tail.cpu().numpy()
+
+
+def llama_cpp_topk(gguf_path: Path, top_k: int, vocab_size: int, seq_len: int, threads: int) -> TopK:
+    """Top-K from llama.cpp: the GGUF runs in its own quantization, nothing is dequantized into PyTorch."""
+    from edgedistill._deps import require
+
+    llama_cpp = require("llama_cpp")
+    model = llama_cpp.Llama(
+        model_path=str(gguf_path),
+        n_ctx=seq_len,
+        n_batch=seq_len,
+        n_ubatch=seq_len,
+        logits_all=True,
+        n_threads=threads or None,
+        verbose=False,
+        type_k=0,
+        type_v=0,  # f32 KV cache: no extra rounding
+    )
+
+    def run(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        out_ids = np.empty((*ids.shape, top_k), np.int64)
+        out_lp = np.empty((*ids.shape, top_k), np.float32)
+        out_tail = np.empty(ids.shape, np.float32)
+        for row, tokens in enumerate(ids):
+            model.reset()
+            model.eval(tokens.tolist())
+            logits = np.asarray(model.scores[: len(tokens), :vocab_size], dtype=np.float32)
+            out_ids[row], out_lp[row], out_tail[row] = _topk_numpy(logits, top_k)
+        return out_ids, out_lp, out_tail
+
+    return run
+
+
+def _topk_numpy(logits: np.ndarray, top_k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The same computation as :func:`_topk_torch` in numpy: [n, V] -> [n, K], [n, K], [n]."""
+    shifted = logits - logits.max(-1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+    part = (
+        np.argpartition(-log_probs, top_k - 1, axis=-1)[:, :top_k]
+        if top_k < logits.shape[-1]
+        else np.tile(np.arange(logits.shape[-1]), (len(logits), 1))
+    )
+    values = np.take_along_axis(log_probs, part, -1)
+    order = np.argsort(-values, axis=-1, kind="stable")
+    indices, values = np.take_along_axis(part, order, -1), np.take_along_axis(values, order, -1)
+    rest = log_probs.copy()
+    np.put_along_axis(rest, indices, -np.inf, -1)
+    peak = rest.max(-1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        tail = np.where(np.isfinite(peak[:, 0]), peak[:, 0] + np.log(np.exp(rest - peak).sum(-1)), -np.inf)
+    return indices, values, tail.astype(np.float32)
+
+
+# ------------------------------------------------------------------------------------------------------ build
+def build_cache(
+    out: Path,
+    manifest: CacheManifest,
+    data: dict[str, PackedData],
+    topk: TopK,
+    batch_size: int = 8,
+    progress: bool = True,
+    on_shard: Callable[[str], None] | None = None,
+) -> CacheManifest:
+    """Fill the cache's shards, skipping those already complete; returns the finished manifest."""
+    from tqdm import tqdm
+
+    existing = out / MANIFEST
+    if existing.is_file():
+        previous = read_manifest(out)
+        if previous.identity() != manifest.identity():
+            changed = next(k for k, v in manifest.identity().items() if previous.identity()[k] != v)
+            raise EdgeDistillError(
+                f"teacher cache: {out} holds a cache with a different {changed}; choose another --out or remove it"
+            )
+        if previous.complete:
+            return previous
+    _write_json(existing, asdict(manifest))
+    dtype = record_dtype(manifest.top_k, manifest.vocab_size)
+    total_rows = sum(manifest.splits.values())
+    bar = tqdm(total=total_rows * manifest.seq_len, disable=not progress, unit="tok", unit_scale=True)
+    started, computed = time.perf_counter(), 0
+    for split, packed in data.items():
+        for index, name in enumerate(manifest.shard_names(split)):
+            first = index * manifest.rows_per_shard
+            rows = packed.ids[first : first + manifest.rows_per_shard, :-1]
+            final = out / name
+            if final.is_file():
+                bar.update(rows.size)
+                continue
+            records = np.zeros(rows.shape, dtype=dtype)
+            for start in range(0, len(rows), batch_size):
+                ids, logprobs, tail = topk(rows[start : start + batch_size])
+                chunk = records[start : start + batch_size]
+                chunk["ids"], chunk["logprobs"], chunk["tail"] = ids, logprobs, tail
+                bar.update(rows[start : start + batch_size].size)
+            handle, tmp = tempfile.mkstemp(dir=out, prefix=f".{name}.", suffix=".tmp")
+            try:
+                with os.fdopen(handle, "wb") as stream:
+                    np.save(stream, records, allow_pickle=False)
+                os.chmod(tmp, 0o644)
+                os.replace(tmp, final)
+            finally:
+                Path(tmp).unlink(missing_ok=True)
+            computed += rows.size
+            if on_shard is not None:
+                on_shard(name)
+    bar.close()
+    seconds = time.perf_counter() - started
+    manifest.tokens = total_rows * manifest.seq_len
+    manifest.complete = True
+    manifest.seconds = seconds
+    manifest.tokens_per_second = computed / seconds if computed and seconds else 0.0
+    _write_json(existing, asdict(manifest))
+    return manifest
+
+
+# ------------------------------------------------------------------------------------------------------ read
+class TeacherCache:
+    """A finished cache, memory-mapped: ``signal(split, rows, positions)`` gives the objective its teacher."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.manifest = read_manifest(directory)
+        if not self.manifest.complete:
+            raise EdgeDistillError(
+                f"teacher cache: {directory} is incomplete; finish it by running teacher-cache again"
+            )
+        self._shards: dict[str, list[np.ndarray]] = {}
+        for split in self.manifest.splits:
+            shards = []
+            for name in self.manifest.shard_names(split):
+                path = directory / name
+                if not path.is_file():
+                    raise EdgeDistillError(f"teacher cache: shard {path} is missing")
+                shards.append(np.load(path, mmap_mode="r"))
+            self._shards[split] = shards
+
+    def check_run(self, seq_len: int, data_sha256: str, tokenizer_hash: str) -> None:
+        """Stop before training when the run's data, tokenizer or sequence length differ from the cache's."""
+        m = self.manifest
+        if seq_len != m.seq_len:
+            raise EdgeDistillError(f"teacher cache: built with --seq-len {m.seq_len}, this run asks for {seq_len}")
+        if tokenizer_hash != m.tokenizer_sha256:
+            raise EdgeDistillError("teacher cache: the run's tokenizer differs from the one the cache was built with")
+        if data_sha256 != m.data_sha256:
+            raise EdgeDistillError(
+                f"teacher cache: the run's data differ from those the cache was built on ({', '.join(m.data_files)})"
+            )
+
+    def records(self, split: str, rows: list[int] | slice) -> np.ndarray:
+        """Records of some rows: [len(rows), seq_len]."""
+        per = self.manifest.rows_per_shard
+        indices = range(self.manifest.splits[split])[rows] if isinstance(rows, slice) else rows
+        return np.stack([self._shards[split][i // per][i % per] for i in indices])
+
+    def signal(self, split: str, rows: list[int] | slice, positions: Any) -> dict[str, Any]:
+        """The objective's sparse teacher at the supervised positions: ids [N, K], logprobs [N, K], tail [N]."""
+        import torch
+
+        records = self.records(split, rows).reshape(-1)
+        chosen = records[positions.cpu().numpy()]
+        device = positions.device
+        return {
+            "teacher_ids": torch.from_numpy(chosen["ids"].astype(np.int64)).to(device),
+            "teacher_logprobs": torch.from_numpy(np.ascontiguousarray(chosen["logprobs"])).to(device),
+            "teacher_tail": torch.from_numpy(np.ascontiguousarray(chosen["tail"])).to(device),
+        }
+
+
+# ------------------------------------------------------------------------------------------------------ command
+def make_cache(config: Any, progress: bool = True, on_shard: Callable[[str], None] | None = None) -> CacheManifest:
+    """``edgedistill teacher-cache``: resolve the teacher, pack the data as ``distill`` will, run the teacher once."""
+    from edgedistill._deps import require
+
+    require("torch")
+    import torch
+
+    from edgedistill.distill import teacher as teachers
+    from edgedistill.distill.data import load_data
+    from edgedistill.distill.heads import teacher_dtype
+
+    out = Path(config.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise EdgeDistillError(f"out: cannot create {out} ({err.strerror})") from None
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    source = teachers.resolve_teacher(config.teacher)
+    if config.backend == "llama.cpp" and source.kind != "gguf":
+        raise EdgeDistillError(f"backend: llama.cpp needs a .gguf teacher, got the checkpoint directory {source.path}")
+    tokenizer = teachers.load_tokenizer(source)
+    teacher_config = teachers.load_config(source)
+    train, heldout, stats = load_data(
+        config.data, tokenizer, config.seq_len, config.val_fraction, 1.0, config.skip_bad_lines
+    )
+    vocab = min(teacher_config.vocab_size, len(tokenizer))
+    if not 0 < config.top_k <= vocab:
+        raise EdgeDistillError(f"top_k: expected 1 to {vocab} (the vocabulary), got {config.top_k}")
+    manifest = CacheManifest(
+        teacher={
+            "spec": config.teacher,
+            "name": source.name,
+            "kind": source.kind,
+            "path": str(source.path),
+            "sha256": source.fingerprint(),
+        },
+        backend=config.backend,
+        tokenizer_sha256=tokenizer_sha256(tokenizer),
+        data_sha256=ids_sha256(train.ids, heldout.ids),
+        data_files=stats.files,
+        seq_len=config.seq_len,
+        top_k=config.top_k,
+        vocab_size=vocab,
+        rows_per_shard=config.rows_per_shard,
+        splits={"train": train.num_sequences, "heldout": heldout.num_sequences},
+    )
+    if (
+        (out / MANIFEST).is_file()
+        and read_manifest(out).complete
+        and read_manifest(out).identity() == manifest.identity()
+    ):
+        return read_manifest(out)
+    tokenizer.save_pretrained(out)
+    teacher_config.save_pretrained(out)
+    if config.backend == "llama.cpp":
+        topk = llama_cpp_topk(source.path, config.top_k, vocab, config.seq_len, config.threads)
+    else:
+        device = torch.device(
+            "cuda"
+            if config.device == "auto" and torch.cuda.is_available()
+            else ("cpu" if config.device == "auto" else config.device)
+        )
+        model = teachers.load_model(source, teacher_dtype(config.teacher_dtype, device), device)
+        topk = torch_topk(model, config.top_k, vocab)
+    return build_cache(out, manifest, {"train": train, "heldout": heldout}, topk, config.batch_size, progress, on_shard)
