@@ -158,8 +158,34 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def _runtime(name: str) -> Callable[..., Any]:
+    """A function of ``edgedistill.runtime.cli``, imported when the command runs (the runtime needs no torch)."""
+
+    def call(arg: Any) -> Any:
+        from edgedistill.runtime import cli as runtime_cli
+
+        return getattr(runtime_cli, name)(arg)
+
+    return call
+
+
 COMMANDS["distill"] = ("distil a teacher into a student (Hugging Face checkpoint out)", _distill_args, _cmd_distill)
 COMMANDS["teacher-cache"] = ("run the teacher once and store its top-K for many students", _cache_args, _cmd_cache)
+COMMANDS["generate"] = (
+    "generate text from a .gguf or ONNX model",
+    _runtime("add_generate_args"),
+    _runtime("run_generate"),
+)
+COMMANDS["chat"] = (
+    "chat with a model in the terminal (/reset, /exit)",
+    _runtime("add_chat_args"),
+    _runtime("run_chat"),
+)
+COMMANDS["serve"] = (
+    "an OpenAI-compatible HTTP server (127.0.0.1 by default)",
+    _runtime("add_serve_args"),
+    _runtime("run_serve"),
+)
 COMMANDS["export"] = (
     "export a model to GGUF or ONNX, each artifact checked against PyTorch",
     _export_args,
