@@ -32,6 +32,7 @@ import numpy as np
 
 from edgedistill import __version__
 from edgedistill.distill.data import PackedData
+from edgedistill.distill.files import atomic_write_text, publish
 from edgedistill.errors import EdgeDistillError
 
 MANIFEST = "manifest.json"
@@ -101,11 +102,7 @@ class CacheManifest:
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(handle, "w", encoding="utf-8") as out:
-        json.dump(data, out, indent=2)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 def read_manifest(directory: Path) -> CacheManifest:
@@ -159,8 +156,8 @@ def llama_cpp_topk(gguf_path: Path, top_k: int, vocab_size: int, seq_len: int, t
         logits_all=True,
         n_threads=threads or None,
         verbose=False,
-        type_k=0,
-        type_v=0,  # f32 KV cache: no extra rounding
+        type_k=llama_cpp.GGML_TYPE_F32,  # f32 KV cache: no rounding that the torch backend does not have
+        type_v=llama_cpp.GGML_TYPE_F32,
     )
 
     def run(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -243,8 +240,7 @@ def build_cache(
             try:
                 with os.fdopen(handle, "wb") as stream:
                     np.save(stream, records, allow_pickle=False)
-                os.chmod(tmp, 0o644)
-                os.replace(tmp, final)
+                publish(tmp, final)
             finally:
                 Path(tmp).unlink(missing_ok=True)
             computed += rows.size

@@ -24,6 +24,7 @@ from edgedistill._deps import require
 from edgedistill.distill import teacher as teachers
 from edgedistill.distill.config import TrainConfig
 from edgedistill.distill.data import PackedData, load_data
+from edgedistill.distill.files import atomic_write_text, publish
 from edgedistill.distill.student import (
     audit_vocab,
     build_student,
@@ -43,31 +44,6 @@ StepHook = Callable[[int, dict[str, float]], None]
 
 
 # ----------------------------------------------------------------------------------------------------------- helpers
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def publish(tmp: str | Path, path: Path) -> None:
-    """Rename a finished temporary file onto its final name, with the permissions a plain ``open`` would give
-    (``mkstemp`` creates files readable by the owner only)."""
-    os.chmod(tmp, 0o666 & ~_umask())
-    os.replace(tmp, path)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename: never a half-written file."""
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            out.write(text)
-        publish(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 class _Distributed:
     """The torchrun environment: world size, rank, and the device this rank trains on."""
 
