@@ -357,12 +357,10 @@ def make_cache(config: Any, progress: bool = True, on_shard: Callable[[str], Non
         rows_per_shard=config.rows_per_shard,
         splits={"train": train.num_sequences, "heldout": heldout.num_sequences},
     )
-    if (
-        (out / MANIFEST).is_file()
-        and read_manifest(out).complete
-        and read_manifest(out).identity() == manifest.identity()
-    ):
-        return read_manifest(out)
+    if (out / MANIFEST).is_file():  # finished already: do not load the teacher at all
+        previous = read_manifest(out)
+        if previous.complete and previous.identity() == manifest.identity():
+            return previous
     tokenizer.save_pretrained(out)
     teacher_config.save_pretrained(out)
     if config.backend == "llama.cpp":

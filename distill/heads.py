@@ -94,9 +94,7 @@ class DistillationObjective(SupervisedLogits):
                 weights,
                 **options,
             )
-        teacher_logits = teacher.get("teacher_logits")
-        if teacher_logits is None and "teacher_hidden" in teacher:
-            teacher_logits = torch.nn.functional.linear(teacher["teacher_hidden"], teacher["teacher_head_weight"])
+        teacher_logits = dense_teacher_logits(teacher) if teacher else None
         shared = (
             student_logits.shape[-1]
             if teacher_logits is None
@@ -109,6 +107,13 @@ class DistillationObjective(SupervisedLogits):
             weights,
             **self.options,
         )
+
+
+def dense_teacher_logits(signal: dict[str, torch.Tensor], rows: slice = slice(None)) -> torch.Tensor:
+    """The teacher's logits [n, Vt] for ``rows`` of a dense teacher signal (logits, or hidden states + head)."""
+    if "teacher_logits" in signal:
+        return signal["teacher_logits"][rows]
+    return torch.nn.functional.linear(signal["teacher_hidden"][rows], signal["teacher_head_weight"])
 
 
 def teacher_signal(

@@ -207,7 +207,7 @@ def evaluate(
     the KL is the top-K one (``sparse_forward_kl``) and agreement is with the teacher's top-1 id."""
     import torch
 
-    from edgedistill.distill.heads import SupervisedLogits, autocast
+    from edgedistill.distill.heads import SupervisedLogits, autocast, dense_teacher_logits
     from edgedistill.distill.losses import chunk_rows, divergence, sparse_forward_kl
 
     student_head = SupervisedLogits(student).eval()
@@ -240,12 +240,7 @@ def evaluate(
                     )
                     teacher_top1 = ids[:, 0]
                 else:
-                    if "teacher_logits" in teacher:
-                        teacher_logits = teacher["teacher_logits"][part]
-                    else:
-                        teacher_logits = torch.nn.functional.linear(
-                            teacher["teacher_hidden"][part], teacher["teacher_head_weight"]
-                        )
+                    teacher_logits = dense_teacher_logits(teacher, part)
                     shared = min(student_logits.shape[-1], teacher_logits.shape[-1])
                     teacher_logits = teacher_logits[:, :shared].float()
                     kd = divergence("fkl", student_logits[:, :shared], teacher_logits)
