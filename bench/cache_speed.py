@@ -51,7 +51,7 @@ def build_speed(args: argparse.Namespace) -> dict[str, Any]:
     from edgedistill.distill import teacher as teachers
     from edgedistill.distill.cache import CacheManifest, build_cache, llama_cpp_topk, torch_topk
     from edgedistill.distill.data import PackedData, load_data
-    from edgedistill.distill.heads import teacher_dtype
+    from edgedistill.distill.heads import resolve_dtype
 
     torch.set_num_threads(args.threads)
     source = teachers.resolve_teacher(args.teacher)
@@ -62,7 +62,7 @@ def build_speed(args: argparse.Namespace) -> dict[str, Any]:
     results = {}
     for backend in args.backends:
         if backend == "torch":
-            dtype = teacher_dtype(args.teacher_dtype, torch.device("cpu"))
+            dtype = resolve_dtype(args.teacher_dtype, torch.device("cpu"))
             topk = torch_topk(teachers.load_model(source, dtype), args.top_k, vocab)
             label = f"torch ({str(dtype).removeprefix('torch.')})"
         else:

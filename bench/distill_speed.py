@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         DistillationObjective,
         SupervisedLogits,
         release_free_memory,
-        teacher_dtype,
+        resolve_dtype,
         teacher_signal,
     )
     from edgedistill.distill.train import _batch, make_optimizer, train_step
@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     )
     device = torch.device("cpu")
     teacher = _llama(args.vocab, args.teacher_hidden, args.teacher_layers, args.heads, args.kv_heads, seed=1)
-    teacher.to(teacher_dtype(config.teacher_dtype, device)).eval().requires_grad_(False)
+    teacher.to(resolve_dtype(config.teacher_dtype, device)).eval().requires_grad_(False)
     student = _llama(args.vocab, args.student_hidden, args.student_layers, args.heads, args.kv_heads, seed=2).train()
     objective = DistillationObjective(student, config, chunked=not args.unchunked)
     teacher_head = SupervisedLogits(teacher) if args.alpha < 1 else None
@@ -108,7 +108,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "hidden": args.teacher_hidden,
             "layers": args.teacher_layers,
             "parameters": sum(p.numel() for p in teacher.parameters()),
-            "dtype": str(teacher_dtype(config.teacher_dtype, device)).removeprefix("torch."),
+            "dtype": str(resolve_dtype(config.teacher_dtype, device)).removeprefix("torch."),
         },
         "student": {
             "hidden": args.student_hidden,

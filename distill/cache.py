@@ -319,7 +319,7 @@ def make_cache(config: Any, progress: bool = True, on_shard: Callable[[str], Non
 
     from edgedistill.distill import teacher as teachers
     from edgedistill.distill.data import load_data
-    from edgedistill.distill.heads import teacher_dtype
+    from edgedistill.distill.heads import resolve_dtype
 
     out = Path(config.out)
     try:
@@ -371,6 +371,6 @@ def make_cache(config: Any, progress: bool = True, on_shard: Callable[[str], Non
             if config.device == "auto" and torch.cuda.is_available()
             else ("cpu" if config.device == "auto" else config.device)
         )
-        model = teachers.load_model(source, teacher_dtype(config.teacher_dtype, device), device)
+        model = teachers.load_model(source, resolve_dtype(config.teacher_dtype, device), device)
         topk = torch_topk(model, config.top_k, vocab)
     return build_cache(out, manifest, {"train": train, "heldout": heldout}, topk, config.batch_size, progress, on_shard)

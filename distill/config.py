@@ -185,7 +185,7 @@ class FlagConfig:
 
 LOSSES = ("fkl", "rkl", "jsd", "skl", "srkl")
 INITS = ("random", "teacher")
-TEACHER_DTYPES = ("auto", "float32", "bfloat16")
+DTYPES = ("auto", "float32", "bfloat16")
 
 
 @dataclass
@@ -217,6 +217,8 @@ class TrainConfig(FlagConfig):
     seed: int = 0
     device: str = "auto"
     teacher_dtype: str = "auto"
+    # the student's matmuls (mixed precision: fp32 weights, optimizer and softmax); auto = bf16 where it is native
+    precision: str = "auto"
     threads: int = 0  # 0: torch's default
     resume: bool = False
     save_every: int = 50
@@ -239,8 +241,9 @@ class TrainConfig(FlagConfig):
             raise bad("loss", f"one of {', '.join(LOSSES)}")
         if self.init not in INITS:
             raise bad("init", f"one of {', '.join(INITS)}")
-        if self.teacher_dtype not in TEACHER_DTYPES:
-            raise bad("teacher_dtype", f"one of {', '.join(TEACHER_DTYPES)}")
+        for name in ("teacher_dtype", "precision"):
+            if getattr(self, name) not in DTYPES:
+                raise bad(name, f"one of {', '.join(DTYPES)}")
         if not 0.0 <= self.jsd_beta <= 1.0:
             raise bad("jsd_beta", "a number in [0, 1]")
         if not 0.0 <= self.skew < 1.0:
@@ -291,10 +294,8 @@ class CacheConfig(FlagConfig):
             raise EdgeDistillError("out: expected a cache directory (--out DIR)")
         if self.backend not in ("torch", "llama.cpp"):
             raise EdgeDistillError(f"backend: expected torch or llama.cpp, got {self.backend!r}")
-        if self.teacher_dtype not in TEACHER_DTYPES:
-            raise EdgeDistillError(
-                f"teacher_dtype: expected one of {', '.join(TEACHER_DTYPES)}, got {self.teacher_dtype!r}"
-            )
+        if self.teacher_dtype not in DTYPES:
+            raise EdgeDistillError(f"teacher_dtype: expected one of {', '.join(DTYPES)}, got {self.teacher_dtype!r}")
         for name in ("seq_len", "top_k", "batch_size", "rows_per_shard"):
             if getattr(self, name) <= 0:
                 raise EdgeDistillError(f"{name}: expected a positive integer, got {getattr(self, name)!r}")

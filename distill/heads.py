@@ -54,9 +54,12 @@ class DistillationObjective(SupervisedLogits):
     module whose output is the loss. The teacher's side is passed in as hidden states plus head weight (or logits).
     """
 
-    def __init__(self, student: Any, config: TrainConfig, chunked: bool = True) -> None:
+    def __init__(
+        self, student: Any, config: TrainConfig, chunked: bool = True, dtype: torch.dtype = torch.float32
+    ) -> None:
         super().__init__(student)
         self.chunked = chunked and self.direct  # soft-capped heads go through the model's own forward
+        self.dtype = dtype  # the matmuls' type under autocast; float32: none
         self.options = dict(
             alpha=config.alpha,
             temperature=config.temperature,
@@ -75,13 +78,14 @@ class DistillationObjective(SupervisedLogits):
     ) -> tuple[torch.Tensor, torch.Tensor, Any]:
         teacher = teacher or {}
         if self.chunked:
-            with autocast(input_ids.device):
+            with autocast(input_ids.device, self.dtype):
                 hidden = self.hidden(input_ids, positions)
+            low = None if self.dtype == torch.float32 else self.dtype
             return chunked_distillation_loss(
-                hidden.float(), self.head_weight, labels, weights, **teacher, **self.options
+                hidden.float(), self.head_weight, labels, weights, **teacher, **self.options, matmul_dtype=low
             )
         # The reference path: the whole batch's logits at once (models with post-processed logits, benchmarks).
-        with autocast(input_ids.device):
+        with autocast(input_ids.device, self.dtype):
             student_logits = super().forward(input_ids, positions)
         if "teacher_ids" in teacher:
             options = {k: self.options[k] for k in ("alpha", "temperature")}
@@ -123,17 +127,17 @@ def teacher_signal(
     supervised positions and its head weight ([N, Ht] and [Vt, Ht], far smaller than [N, Vt] logits)."""
     if teacher is None:
         return None
-    with torch.no_grad(), autocast(input_ids.device):
+    with torch.no_grad(), autocast(input_ids.device, teacher.head_weight.dtype):
         if teacher.direct:
             return {"teacher_hidden": teacher.hidden(input_ids, positions), "teacher_head_weight": teacher.head_weight}
         return {"teacher_logits": teacher(input_ids, positions)}
 
 
-def autocast(device: torch.device) -> Any:
-    """bf16 autocast on CUDA; fp32 on CPU."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+def autocast(device: torch.device, dtype: torch.dtype) -> Any:
+    """Autocast to ``dtype`` (bf16 or fp16) on ``device``; nothing for float32."""
+    if dtype in (torch.float32, torch.float64):
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
 
 
 def release_free_memory() -> None:
@@ -163,12 +167,14 @@ def cpu_has_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def teacher_dtype(choice: str, device: torch.device) -> torch.dtype:
-    """``--teacher-dtype``: explicit, or ``auto``: bfloat16 on CUDA and on CPUs with native bf16 matmuls, else fp32.
+def resolve_dtype(choice: str, device: torch.device) -> torch.dtype:
+    """``--teacher-dtype`` and ``--precision``: explicit, or ``auto``: bfloat16 on CUDA and on CPUs with native bf16
+    matmuls, else fp32.
 
     The teacher only runs forward, without gradients, and its logits are upcast to fp32 before the softmax. On this
     project's Zen 4 machines a bf16 forward of SmolLM2-135M ran about 4.6x faster than fp32 (2,440 vs 530 tokens/s,
     2 threads); its weights are a Q4_1 GGUF dequantized, so bf16 rounding is far below the quantization error.
+    The student trains in mixed precision: bf16 matmuls under autocast, fp32 weights, optimizer and softmax.
     """
     if choice == "float32":
         return torch.float32

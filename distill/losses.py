@@ -245,6 +245,78 @@ def chunk_rows(vocab_size: int, budget_bytes: int = 8 << 20, min_rows: int = 128
     return max(min_rows, budget_bytes // (4 * vocab_size))
 
 
+def _fused_sparse_chunk(
+    logits: Tensor,
+    labels: Tensor,
+    scale: Tensor,
+    sparse: tuple[Tensor, Tensor, Tensor] | None,
+    alpha: float,
+    temperature: float,
+) -> tuple[Tensor, Tensor]:
+    """:func:`sparse_distillation_loss` (or, with ``sparse`` None, CE alone) and its gradient in closed form.
+
+    ``logits``: [n, V] float32, overwritten; ``scale``: [n], each position's weight / the batch's supervised count;
+    ``sparse``: (``teacher_ids``, ``teacher_logprobs``, ``teacher_tail``) rows. Returns ([total, ce, kd] sums,
+    gradient of total w.r.t. the logits). Autograd through the reference functions makes about a dozen passes over
+    [n, V] (two log-softmaxes, a scattered copy for the tail, their backward passes); this makes four or five. With
+    q the student's tempered distribution, t the teacher's buckets and ``tail`` the bucket outside the teacher's
+    top K, d(T² KL)/dz is T·(q_j − t_j) on a top-K token and T·q_j·(1 − t_tail / q_tail) elsewhere; d CE / dz is
+    p − onehot(label).
+    """
+    label_logit = logits.gather(-1, labels[:, None]).squeeze(-1)
+    peak = logits.amax(-1, keepdim=True)
+    tempered = None
+    if sparse is not None:
+        ids = sparse[0]
+        top_logits = logits.gather(-1, ids)
+        if temperature != 1.0:
+            tempered = logits.sub(peak).div_(temperature).exp_()
+    probs = logits.sub_(peak).exp_()  # unnormalised softmax at T = 1, in place
+    mass = probs.sum(-1, keepdim=True)
+    log_mass = mass.log()
+    ce_rows = (log_mass + peak).squeeze(-1) - label_logit
+    if sparse is None:
+        grad = probs.mul_(scale[:, None] / mass)
+        grad.scatter_add_(-1, labels[:, None], -scale[:, None])
+        ce = (scale * ce_rows).sum()
+        return torch.stack([ce, ce, torch.zeros_like(ce)]), grad
+    ids, teacher_logprobs, teacher_tail = sparse
+    student = probs if tempered is None else tempered
+    student_mass = mass if tempered is None else tempered.sum(-1, keepdim=True)
+    student.scatter_(-1, ids, 0.0)  # the top-K entries are written again below; the rest is the tail
+    tail_mass = student.sum(-1)
+    log_student_top = (top_logits - peak) / temperature - student_mass.log()  # [n, K]
+    log_student_tail = tail_mass.log() - student_mass.squeeze(-1).log()  # [n]
+    buckets = torch.cat([_upcast(teacher_logprobs), _upcast(teacher_tail).unsqueeze(-1)], dim=-1)
+    teacher = F.log_softmax(buckets / temperature, dim=-1)  # [n, K + 1]
+    teacher_probs = teacher.exp()
+    student_buckets = torch.cat([log_student_top, log_student_tail.unsqueeze(-1)], dim=-1)
+    terms = torch.where(teacher_probs > 0, teacher_probs * (teacher - student_buckets), torch.zeros_like(teacher))
+    kd_rows = temperature**2 * terms.sum(-1)
+    teacher_tail_prob = teacher_probs[:, -1]
+    student_tail_prob = log_student_tail.exp()
+    ratio = torch.where(
+        teacher_tail_prob > 0,
+        teacher_tail_prob / student_tail_prob.clamp_min(torch.finfo(student_tail_prob.dtype).tiny),
+        0.0,
+    )
+    kd_scale = ((1 - alpha) * temperature) * scale  # [n]
+    if tempered is None:
+        grad = student.mul_(((alpha * scale + kd_scale * (1 - ratio)) / mass.squeeze(-1))[:, None])
+    else:
+        grad = probs.mul_((alpha * scale / mass.squeeze(-1))[:, None])
+        grad.add_(tempered.mul_((kd_scale * (1 - ratio) / student_mass.squeeze(-1))[:, None]))
+    top_probs = (top_logits - peak - log_mass).exp()  # p at the teacher's top K (T = 1)
+    top_student = log_student_top.exp()  # q there
+    grad.scatter_(
+        -1, ids, alpha * scale[:, None] * top_probs + kd_scale[:, None] * (top_student - teacher_probs[:, :-1])
+    )
+    grad.scatter_add_(-1, labels[:, None], -alpha * scale[:, None])
+    ce = (scale * ce_rows).sum()
+    kd = (scale * kd_rows).sum()
+    return torch.stack([alpha * ce + (1 - alpha) * kd, ce, kd]), grad
+
+
 class _ChunkedDistillation(torch.autograd.Function):
     """Loss and its gradients computed chunk by chunk in the forward pass (the idea of Liger Kernel's fused
     linear losses): no [N, V] logits, probabilities or gradients of the whole batch ever exist at once, only those
@@ -255,21 +327,37 @@ class _ChunkedDistillation(torch.autograd.Function):
     def forward(
         ctx, hidden, head_weight, teacher_hidden, teacher_head_weight, teacher_logits, sparse, labels, weights, options
     ):
-        alpha, temperature, name, beta, skew, chunk = options
+        alpha, temperature, name, beta, skew, chunk, matmul_dtype = options
         supervised = (weights > 0).to(torch.int64)
         count = max(1, int(supervised.sum()))
         grad_hidden = torch.zeros_like(hidden)
         grad_weight = torch.zeros_like(head_weight)
         sums = torch.zeros(3, dtype=torch.promote_types(hidden.dtype, torch.float32), device=hidden.device)
         weight = head_weight.detach().requires_grad_(True)
+        closed_form = sparse is not None or teacher_hidden is teacher_logits is None
+        # The head's matmuls may run in bf16 (``matmul_dtype``); softmax and loss are float32 in every case.
+        low_weight = head_weight.detach().to(matmul_dtype or head_weight.dtype)
+        low_hidden = hidden.detach().to(low_weight.dtype)
         for start in range(0, hidden.shape[0], chunk):
             rows = slice(start, start + chunk)
             share = int(supervised[rows].sum()) / count  # chunk losses are means over the chunk's positions
             if share == 0:
                 continue
+            if closed_form:  # CE alone or with a cached top-K teacher
+                student_logits = _upcast(F.linear(low_hidden[rows], low_weight))
+                sparse_rows = None if sparse is None else tuple(part[rows] for part in sparse)
+                scale = weights[rows].to(student_logits.dtype) / count
+                values, grad_logits = _fused_sparse_chunk(
+                    student_logits, labels[rows], scale, sparse_rows, alpha, temperature
+                )
+                grad_logits = grad_logits.to(low_weight.dtype)
+                grad_hidden[rows] = grad_logits @ low_weight
+                grad_weight += grad_logits.T @ low_hidden[rows]
+                sums += values
+                continue
             piece = hidden[rows].detach().requires_grad_(True)
             with torch.enable_grad():
-                student_logits = F.linear(piece, weight)
+                student_logits = _upcast(F.linear(piece.to(low_weight.dtype), weight.to(low_weight.dtype)))
                 if sparse is not None:
                     total, ce, kd = sparse_distillation_loss(
                         student_logits,
@@ -332,6 +420,7 @@ def chunked_distillation_loss(
     beta: float = 0.5,
     skew: float = 0.1,
     chunk: int | None = None,
+    matmul_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """:func:`distillation_loss` from the LM heads' inputs, computed in chunks of positions; returns
     ``(total, ce, kd)``, with gradients flowing from ``total`` into ``hidden`` and ``head_weight`` only.
@@ -341,7 +430,9 @@ def chunked_distillation_loss(
     full ``teacher_logits`` [N, Vt], or a cached top-K (``teacher_ids``, ``teacher_logprobs`` [N, K],
     ``teacher_tail`` [N], see :func:`sparse_forward_kl`), or nothing when ``alpha == 1``; ``labels``, ``weights``:
     [N]. Logits are cut to the rows both vocabularies share. ``chunk`` positions at a time (default:
-    :func:`chunk_rows`).
+    :func:`chunk_rows`). ``matmul_dtype`` (e.g. ``torch.bfloat16``): the student head's matmuls in that type, the
+    softmax and the loss still in float32 (None: the head's own type). CE alone and a cached top-K teacher take a
+    closed-form gradient (:func:`_fused_sparse_chunk`); other teachers and divergences go through autograd.
     """
     if weights is None:
         weights = torch.ones(labels.shape, dtype=torch.float32, device=labels.device)
@@ -351,7 +442,7 @@ def chunked_distillation_loss(
         raise ValueError("chunked_distillation_loss: a teacher is required when alpha < 1")
     if sparse is not None and name != "fkl":
         raise ValueError("chunked_distillation_loss: a cached top-K teacher supports the forward KL (fkl) only")
-    options = (alpha, temperature, name, beta, skew, chunk or chunk_rows(head_weight.shape[0]))
+    options = (alpha, temperature, name, beta, skew, chunk or chunk_rows(head_weight.shape[0]), matmul_dtype)
     total, ce, kd = _ChunkedDistillation.apply(
         hidden, head_weight, teacher_hidden, teacher_head_weight, teacher_logits, sparse, labels, weights, options
     )

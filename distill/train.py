@@ -204,10 +204,11 @@ def evaluate(
 ) -> dict[str, float]:
     """Held-out cross-entropy (every supervised token weighs 1), perplexity, forward KL (T = 1) to the teacher and
     top-1 agreement with the teacher, over up to ``max_tokens`` supervised tokens (0: all). With a cached teacher
-    the KL is the top-K one (``sparse_forward_kl``) and agreement is with the teacher's top-1 id."""
+    the KL is the top-K one (``sparse_forward_kl``) and agreement is with the teacher's top-1 id. The student runs in
+    float32 whatever its training precision, so that held-out numbers compare across runs and machines."""
     import torch
 
-    from edgedistill.distill.heads import SupervisedLogits, autocast, dense_teacher_logits
+    from edgedistill.distill.heads import SupervisedLogits, dense_teacher_logits
     from edgedistill.distill.losses import chunk_rows, divergence, sparse_forward_kl
 
     student_head = SupervisedLogits(student).eval()
@@ -218,8 +219,8 @@ def evaluate(
             inputs, positions, labels, weights = _batch(data, rows, device)
             if len(positions) == 0:
                 continue
-            with autocast(device):  # hidden states, or whole logits for heads that post-process them
-                student_out = (student_head.hidden if student_head.direct else student_head)(inputs, positions).float()
+            # hidden states, or whole logits for heads that post-process them
+            student_out = (student_head.hidden if student_head.direct else student_head)(inputs, positions).float()
             teacher = teacher_for("heldout", rows, inputs, positions) if teacher_for is not None else None
             # [chunk, V] logits at a time, as in training: a batch's full logits would be 2048 x 49,152 floats.
             chunk = chunk_rows(student_head.head_weight.shape[0])
@@ -370,7 +371,7 @@ def train(config: TrainConfig, on_step: StepHook | None = None, progress: bool =
     from tqdm import tqdm
 
     from edgedistill.distill.cache import TeacherCache, ids_sha256, tokenizer_sha256
-    from edgedistill.distill.heads import DistillationObjective, release_free_memory, teacher_dtype
+    from edgedistill.distill.heads import DistillationObjective, release_free_memory, resolve_dtype
 
     if not config.out:
         raise EdgeDistillError("out: expected an output directory (--out DIR)")
@@ -432,15 +433,15 @@ def train(config: TrainConfig, on_step: StepHook | None = None, progress: bool =
         if config.init == "teacher":  # copy full-precision weights, then run the teacher in its own dtype
             teacher = teachers.load_model(source, torch.float32, device)
             init_from_teacher(student, teacher)
-            teacher = teacher.to(teacher_dtype(config.teacher_dtype, device)) if needs_teacher else None
+            teacher = teacher.to(resolve_dtype(config.teacher_dtype, device)) if needs_teacher else None
         elif needs_teacher:
-            teacher = teachers.load_model(source, teacher_dtype(config.teacher_dtype, device), device)
+            teacher = teachers.load_model(source, resolve_dtype(config.teacher_dtype, device), device)
         # CE-only (alpha 1): no teacher in memory while training; it is loaded for the final evaluation only.
         student.to(device).train()
         student_params = sum(p.numel() for p in student.parameters())
         release_free_memory()
 
-        objective: Any = DistillationObjective(student, config)
+        objective: Any = DistillationObjective(student, config, dtype=resolve_dtype(config.precision, device))
         if dist.world_size > 1:
             from torch.nn.parallel import DistributedDataParallel
 
@@ -524,7 +525,7 @@ def train(config: TrainConfig, on_step: StepHook | None = None, progress: bool =
             if cache is not None:
                 teacher_for = cached_teacher(cache)
             elif teacher is None:  # CE-only training: the teacher is needed now, for the comparison
-                teacher = teachers.load_model(source, teacher_dtype(config.teacher_dtype, device), device)
+                teacher = teachers.load_model(source, resolve_dtype(config.teacher_dtype, device), device)
                 teacher_for = online_teacher(teacher)
             result = evaluate(student, teacher_for, heldout, config.batch_size, device, config.eval_tokens)
             teacher = teacher_for = objective = None

@@ -47,6 +47,8 @@ _DISTILL_HELP = {
     "grad_accum": "micro-batches per optimizer step",
     "device": "auto, cpu, cuda or cuda:N",
     "teacher_dtype": "auto (bfloat16 on CUDA and on CPUs with native bf16, else float32), float32 or bfloat16",
+    "precision": "the student's compute type: auto (bfloat16 autocast on CUDA and on CPUs with native bf16, else "
+    "float32), float32 or bfloat16; weights, optimizer state and the loss's softmax stay float32",
     "threads": "torch CPU threads (0: torch's default)",
     "resume": "continue the run in --out from its last checkpoint",
     "save_every": "checkpoint every N steps (atomic; a crash loses at most N steps)",

@@ -215,32 +215,85 @@ def test_sparse_kl_with_small_k_is_a_proper_divergence(logits):
     assert abs(losses.sparse_forward_kl(reshuffled, ids, values, tail, w).item()) < 1e-12
 
 
-def test_chunked_sparse_equals_dense_sparse(logits):
+@pytest.mark.parametrize("k", [5, 17])
+@pytest.mark.parametrize("alpha, temperature", [(0.5, 1.5), (0.5, 1.0), (0.0, 1.0), (1.0, 2.0)])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_chunked_sparse_equals_dense_sparse(k, alpha, temperature, weighted):
+    """The closed-form gradient of the cached-teacher loss equals autograd through the reference functions."""
     gen = torch.Generator().manual_seed(3)
     n, h, v = 23, 8, 17
     hidden = torch.randn(n, h, generator=gen, dtype=torch.float64, requires_grad=True)
     head = torch.randn(v, h, generator=gen, dtype=torch.float64, requires_grad=True)
-    ids, values, tail = _topk(torch.randn(n, v, generator=gen, dtype=torch.float64) * 3, 5)
+    ids, values, tail = _topk(torch.randn(n, v, generator=gen, dtype=torch.float64) * 3, k)
     labels = torch.randint(0, v, (n,), generator=gen)
-    dense, _, dense_kd = losses.sparse_distillation_loss(hidden @ head.T, ids, values, tail, labels, None, 0.5, 1.5)
+    labels[:4] = ids[:4, 0]  # some labels among the teacher's top K
+    weights = None
+    if weighted:
+        weights = (torch.rand(n, generator=gen, dtype=torch.float64) > 0.3).double()
+        weights[5] = 10.0
+    dense, dense_ce, dense_kd = losses.sparse_distillation_loss(
+        hidden @ head.T, ids, values, tail, labels, weights, alpha, temperature
+    )
     dense.backward()
     expected = hidden.grad.clone(), head.grad.clone()
     hidden.grad = head.grad = None
-    total, _, kd = losses.chunked_distillation_loss(
+    total, ce, kd = losses.chunked_distillation_loss(
         hidden,
         head,
         labels,
-        None,
+        weights,
         teacher_ids=ids,
         teacher_logprobs=values,
         teacher_tail=tail,
-        alpha=0.5,
-        temperature=1.5,
+        alpha=alpha,
+        temperature=temperature,
         chunk=4,
     )
-    assert total.item() == pytest.approx(dense.item(), rel=1e-9) and kd.item() == pytest.approx(dense_kd.item())
+    assert total.item() == pytest.approx(dense.item(), rel=1e-9)
+    assert ce.item() == pytest.approx(dense_ce.item(), rel=1e-9) and kd.item() == pytest.approx(dense_kd.item())
     total.backward()
-    assert torch.allclose(hidden.grad, expected[0]) and torch.allclose(head.grad, expected[1])
+    assert torch.allclose(hidden.grad, expected[0], atol=1e-10) and torch.allclose(head.grad, expected[1], atol=1e-10)
+
+
+def test_chunked_cross_entropy_alone_equals_dense():
+    gen = torch.Generator().manual_seed(4)
+    hidden = torch.randn(19, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+    head = torch.randn(13, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 13, (19,), generator=gen)
+    weights = (torch.rand(19, generator=gen, dtype=torch.float64) > 0.3).double()
+    dense = losses.cross_entropy(hidden @ head.T, labels, weights)
+    dense.backward()
+    expected = hidden.grad.clone(), head.grad.clone()
+    hidden.grad = head.grad = None
+    total, ce, kd = losses.chunked_distillation_loss(hidden, head, labels, weights, alpha=1.0, chunk=5)
+    assert kd is None and total.item() == pytest.approx(dense.item(), rel=1e-9) == ce.item()
+    total.backward()
+    assert torch.allclose(hidden.grad, expected[0], atol=1e-10) and torch.allclose(head.grad, expected[1], atol=1e-10)
+
+
+def test_chunked_loss_with_bf16_matmuls_stays_close():
+    gen = torch.Generator().manual_seed(5)
+    hidden = torch.randn(64, 32, generator=gen, requires_grad=True)
+    head = (torch.randn(101, 32, generator=gen) * 0.2).requires_grad_(True)
+    ids, values, tail = _topk(torch.randn(64, 101, generator=gen) * 3, 8)
+    labels = torch.randint(0, 101, (64,), generator=gen)
+    results = []
+    for dtype in (None, torch.bfloat16):
+        total, _, _ = losses.chunked_distillation_loss(
+            hidden, head, labels, teacher_ids=ids, teacher_logprobs=values, teacher_tail=tail, matmul_dtype=dtype
+        )
+        total.backward()
+        results.append((total.item(), hidden.grad.clone(), head.grad.clone()))
+        hidden.grad = head.grad = None
+    (exact, grad_h, grad_w), (low, low_h, low_w) = results
+    assert low == pytest.approx(exact, rel=1e-2)
+    assert torch.allclose(low_h, grad_h, atol=2e-3, rtol=5e-2) and torch.allclose(low_w, grad_w, atol=2e-3, rtol=5e-2)
+
+
+def test_cached_teacher_supports_forward_kl_only():
+    hidden, head = torch.randn(4, 8), torch.randn(11, 8)
+    labels = torch.randint(0, 11, (4,))
+    ids, values, tail = _topk(torch.randn(4, 11), 3)
     with pytest.raises(ValueError, match="fkl"):
         losses.chunked_distillation_loss(
             hidden, head, labels, None, teacher_ids=ids, teacher_logprobs=values, teacher_tail=tail, name="rkl"
