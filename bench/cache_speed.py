@@ -105,6 +105,8 @@ def step_speed(args: argparse.Namespace) -> dict[str, Any]:
         str(args.steps),
         "--eval-tokens",
         "256",
+        "--precision",
+        args.precision,
     ]
     if args.data:
         common += ["--data", *args.data]
@@ -150,6 +152,12 @@ def main(argv: list[str] | None = None) -> int:
         choices=["auto", "float32", "bfloat16"],
         help="the online teacher's dtype (and the torch backend's)",
     )
+    parser.add_argument(
+        "--precision",
+        default="auto",
+        choices=["auto", "float32", "bfloat16"],
+        help="the student's compute type (distill --precision)",
+    )
     args = parser.parse_args(argv)
     result: dict[str, Any] = {
         "threads": args.threads,
@@ -157,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
         "student": args.student,
         "teacher": args.teacher,
         "top_k": args.top_k,
+        "precision": args.precision,
+        "teacher_dtype": args.teacher_dtype,
     }
     if args.backends:
         result["build"] = build_speed(args)

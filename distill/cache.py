@@ -334,7 +334,14 @@ def make_cache(config: Any, progress: bool = True, on_shard: Callable[[str], Non
     tokenizer = teachers.load_tokenizer(source)
     teacher_config = teachers.load_config(source)
     train, heldout, stats = load_data(
-        config.data, tokenizer, config.seq_len, config.val_fraction, 1.0, config.skip_bad_lines
+        config.data,
+        tokenizer,
+        config.seq_len,
+        config.val_fraction,
+        1.0,
+        config.skip_bad_lines,
+        config.train_tokens,
+        config.heldout_tokens,
     )
     vocab = min(teacher_config.vocab_size, len(tokenizer))
     if not 0 < config.top_k <= vocab:

@@ -223,6 +223,8 @@ class TrainConfig(FlagConfig):
     resume: bool = False
     save_every: int = 50
     val_fraction: float = 0.1
+    train_tokens: int = 0  # 0: every training sequence; else that many tokens in evenly spaced sequences
+    heldout_tokens: int = 0  # the same for the held-out split (a teacher cache must be built with the same values)
     eval_tokens: int = 0  # 0: all held-out tokens
     skip_bad_lines: bool = False
     log_every: int = 1
@@ -257,8 +259,9 @@ class TrainConfig(FlagConfig):
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "save_every", "log_every"):
             if getattr(self, name) <= 0:
                 raise bad(name, "a positive integer")
-        if self.threads < 0 or self.eval_tokens < 0:
-            raise bad("threads" if self.threads < 0 else "eval_tokens", "a non-negative integer")
+        for name in ("threads", "eval_tokens", "train_tokens", "heldout_tokens"):
+            if getattr(self, name) < 0:
+                raise bad(name, "a non-negative integer")
         if not 0.0 < self.val_fraction < 1.0:
             raise bad("val_fraction", "a number in (0, 1)")
         if self.grad_clip < 0:
@@ -282,6 +285,8 @@ class CacheConfig(FlagConfig):
     batch_size: int = 8
     rows_per_shard: int = 256
     val_fraction: float = 0.1
+    train_tokens: int = 0
+    heldout_tokens: int = 0
     skip_bad_lines: bool = False
     device: str = "auto"
     teacher_dtype: str = "auto"
@@ -296,6 +301,9 @@ class CacheConfig(FlagConfig):
             raise EdgeDistillError(f"backend: expected torch or llama.cpp, got {self.backend!r}")
         if self.teacher_dtype not in DTYPES:
             raise EdgeDistillError(f"teacher_dtype: expected one of {', '.join(DTYPES)}, got {self.teacher_dtype!r}")
+        for name in ("train_tokens", "heldout_tokens"):
+            if getattr(self, name) < 0:
+                raise EdgeDistillError(f"{name}: expected 0 (all) or a positive integer, got {getattr(self, name)!r}")
         for name in ("seq_len", "top_k", "batch_size", "rows_per_shard"):
             if getattr(self, name) <= 0:
                 raise EdgeDistillError(f"{name}: expected a positive integer, got {getattr(self, name)!r}")

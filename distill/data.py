@@ -69,6 +69,16 @@ class PackedData:
         return int((self.weights[:, 1:] > 0).sum())
 
 
+def subsample(packed: PackedData, tokens: int, seq_len: int) -> PackedData:
+    """At most ``tokens`` tokens of ``packed`` (0: all), as evenly spaced sequences: a budget-limited run sees the
+    whole corpus's variety instead of its first documents. Deterministic, so a teacher cache and a run agree."""
+    rows = -(-tokens // seq_len)
+    if tokens <= 0 or rows >= packed.num_sequences:
+        return packed
+    keep = np.linspace(0, packed.num_sequences - 1, rows).round().astype(np.int64)
+    return PackedData(packed.ids[keep], packed.weights[keep])
+
+
 @dataclass
 class DataStats:
     files: list[str]
@@ -260,8 +270,11 @@ def load_data(
     val_fraction: float = 0.1,
     tag_weight: float = 10.0,
     skip_bad_lines: bool = False,
+    train_tokens: int = 0,
+    heldout_tokens: int = 0,
 ) -> tuple[PackedData, PackedData, DataStats]:
-    """Read, tokenize, split and pack ``files`` (the embedded corpus when empty) into train and held-out data."""
+    """Read, tokenize, split and pack ``files`` (the embedded corpus when empty) into train and held-out data;
+    ``train_tokens`` / ``heldout_tokens`` (0: all) keep that many tokens of a split in evenly spaced sequences."""
     paths = [Path(f) for f in files] or [DEFAULT_CORPUS]
     stats = DataStats(files=[str(p) for p in paths])
     records: list[Record] = []
@@ -288,6 +301,7 @@ def load_data(
             )
         train = PackedData(everything.ids[:cut], everything.weights[:cut])
         heldout = PackedData(everything.ids[cut:], everything.weights[cut:])
+    train, heldout = subsample(train, train_tokens, seq_len), subsample(heldout, heldout_tokens, seq_len)
     if train.supervised_tokens == 0:
         raise EdgeDistillError(f"data: no supervised tokens in {', '.join(stats.files)}")
     stats.train_tokens = train.supervised_tokens

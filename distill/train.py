@@ -421,7 +421,14 @@ def train(config: TrainConfig, on_step: StepHook | None = None, progress: bool =
             student = build_student(resolve_shape(config.student, teacher_config), teacher_config, tokenizer)
         audit = audit_vocab(tokenizer, teacher_config.vocab_size, student.config.vocab_size, student_tokenizer)
         train_data, heldout, stats = load_data(
-            config.data, tokenizer, config.seq_len, config.val_fraction, config.tag_weight, config.skip_bad_lines
+            config.data,
+            tokenizer,
+            config.seq_len,
+            config.val_fraction,
+            config.tag_weight,
+            config.skip_bad_lines,
+            config.train_tokens,
+            config.heldout_tokens,
         )
         if stats.bad_lines and dist.is_main:
             print(f"skipped {stats.bad_lines} malformed line(s); first: {stats.bad_examples[0]}")

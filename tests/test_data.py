@@ -171,3 +171,17 @@ def test_embedded_corpus_is_shipped():
         first = json.loads(handle.readline())
     assert isinstance(first["text"], str) and len(first["text"]) > 100
     assert (DEFAULT_CORPUS.parent / "LICENSE-PSF.txt").is_file() and (DEFAULT_CORPUS.parent / "README.md").is_file()
+
+
+def test_token_budget_keeps_evenly_spaced_sequences(tokenizer, tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": f"document {i} " * 40} for i in range(60)])
+    train, heldout, _ = load_data([path], tokenizer, 16)
+    small, small_heldout, stats = load_data([path], tokenizer, 16, train_tokens=80, heldout_tokens=16)
+    assert small.num_sequences == 5 and small_heldout.num_sequences == 1
+    spread = np.linspace(0, train.num_sequences - 1, 5).round().astype(int)  # first to last, evenly
+    assert np.array_equal(small.ids, train.ids[spread]) and np.array_equal(small.weights, train.weights[spread])
+    assert stats.train_tokens == small.supervised_tokens
+    again, _, again_stats = load_data([path], tokenizer, 16, train_tokens=80, heldout_tokens=16)
+    assert np.array_equal(again.ids, small.ids) and again_stats.sha256 == stats.sha256
+    everything, _, _ = load_data([path], tokenizer, 16, train_tokens=10**9)
+    assert everything.num_sequences == train.num_sequences
