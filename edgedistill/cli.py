@@ -195,6 +195,25 @@ COMMANDS["export"] = (
 )
 
 
+def _bench_args(parser: argparse.ArgumentParser) -> None:
+    from edgedistill.bench.cli import add_args
+
+    add_args(parser)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from edgedistill.bench.cli import run
+
+    return run(args)
+
+
+COMMANDS["bench"] = (
+    "measure latency, throughput, memory and quality of models (torch-free; projections onto edge targets)",
+    _bench_args,
+    _cmd_bench,
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="edgedistill", description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--version", action="version", version=f"edgedistill {__version__}")

@@ -1,0 +1,495 @@
+"""The bench harness: every model x thread count measured in a fresh process, then roofline, projection, quality,
+claims and reports.
+
+    from edgedistill.bench.harness import BenchConfig, run_bench
+
+    result = run_bench(BenchConfig(models=[Path("student-q8_0.gguf")], threads=[1, 2], out=Path("bench-out")))
+
+What is measured (per model x backend x quantization x thread count; mean +- sample stddev over ``repeat``
+repetitions after ``warmup`` unrecorded ones): load time, time to first token, prefill tokens/s, decode tokens/s,
+per-token latency p50/p95 (every decoding step of every repetition), peak RSS sampled in the measuring process
+(with the RSS before loading), file size, parameters. What is derived: bytes read per generated token, the decode
+bound (measured bandwidth / bytes), the share of it achieved, whether the model fits in the host's cache, and - for
+a ``target`` other than the host - a decode speed *projected* onto that target (``targets.py``).
+
+The teacher (``teacher``), when given, is benchmarked as a model of its own (it is the reference of the speed-up
+and memory claims) and, with ``data``, scored first so that every student's top-1 agreement is counted against it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgedistill.bench.artifacts import KIND_TORCH, artifact_kind, decode_bytes
+from edgedistill.bench.env import available_cpus, bandwidth_for, environment
+from edgedistill.bench.quality import DEFINITIONS as QUALITY_DEFINITIONS
+from edgedistill.bench.quality import read_texts, retention
+from edgedistill.bench.targets import PROJECTION_LABEL, TargetProfile, load_target, project_decode_tps
+from edgedistill.errors import EdgeDistillError
+
+SCHEMA = "edgedistill.bench"
+SCHEMA_VERSION = 1
+# How each derived figure is defined; written into bench.json and bench.md.
+DEFINITIONS = {
+    **QUALITY_DEFINITIONS,
+    "ttft_ms": "prompt evaluation in one call plus the greedy choice of the first token, from an empty cache",
+    "prefill_tps": "prompt tokens / prompt evaluation time",
+    "decode_tps": "(gen_tokens - 1) / time of the single-token steps after the first token; EOS ignored",
+    "token_ms": "wall time of one decoding step (evaluate one token + argmax), p50/p95 over all measured steps",
+    "peak_rss_mb": "highest RSS of the measuring process sampled every 2.5 ms from before loading to the last "
+    "repetition (MB = 1e6 bytes); rss_before_mb is the RSS after importing the backend, before loading; "
+    "kernel_peak_rss_mb is the kernel's high-water mark (VmHWM) of the whole measuring process",
+    "bytes_per_token": "weights read per decoding step (all but an untied embedding table) + key/value bytes of "
+    "the mean cached length (prompt + gen/2)",
+    "bound_tps": "measured host read bandwidth at the row's thread count / bytes_per_token (the decode roofline)",
+    "bound_share": "decode_tps / bound_tps (above 1: the weights were served from cache, not memory)",
+    "fits_in_host_cache": "bytes_per_token <= the host's last-level cache: host decode speed is cache-inflated and "
+    "does not transfer to a device with a smaller cache",
+    "projection": "host efficiency (decode_tps / bound_tps, capped at 1) x target bandwidth / bytes_per_token - "
+    "a projection, not a measurement",
+}
+DEFAULT_QUALITY_TOKENS = 4096
+DEFAULT_QUALITY_WINDOW = 256
+WORKER_TIMEOUT_S = 3600
+# A row whose decode tokens/s vary more than this across repetitions (stddev / mean) is flagged unstable.
+UNSTABLE_CV = 0.25
+
+
+@dataclass
+class BenchConfig:
+    """One bench run.
+
+    Attributes:
+        models: ``.gguf`` files, ``.onnx`` files or ONNX export directories, Hugging Face checkpoint directories
+            (run in PyTorch when torch and transformers are installed, skipped with a note otherwise).
+        labels: display names, one per model (default: the file or directory name without suffix).
+        threads: thread counts; each is a separate measurement.
+        prompt_tokens: prompt length of each repetition.
+        gen_tokens: tokens generated per repetition (the first comes from the prompt evaluation).
+        repeat: measured repetitions; warmup: unrecorded repetitions before them (same process, same model).
+        data: held-out text files (.jsonl with "text" or "conversations", or .txt) for perplexity.
+        quality_tokens: held-out tokens scored at most; quality_window: tokens per scored window.
+        teacher: the teacher artifact: benchmarked too, and the reference of agreement, retention and the claims.
+        target: ``host``, ``rpi4``, ``rpi5``, ``phone`` or a profile .toml: limits threads and CPU affinity to its
+            cores and adds projected decode speed.
+        claims: check the seed's claims against the measurements.
+        out: directory for bench.json, bench.csv, bench.md and the plots.
+        measure_bandwidth: measure memory bandwidth (a second or two); without it there is no roofline.
+        context: context to allocate (None: prompt + gen tokens, or the quality window if larger).
+    """
+
+    models: list[Path]
+    labels: list[str] | None = None
+    threads: list[int] = field(default_factory=lambda: [len(available_cpus())])
+    prompt_tokens: int = 128
+    gen_tokens: int = 128
+    repeat: int = 5
+    warmup: int = 1
+    data: list[Path] = field(default_factory=list)
+    quality_tokens: int = DEFAULT_QUALITY_TOKENS
+    quality_window: int = DEFAULT_QUALITY_WINDOW
+    teacher: Path | None = None
+    target: str | None = None
+    claims: bool = False
+    out: Path = Path("bench-out")
+    measure_bandwidth: bool = True
+    context: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.models and self.teacher is None:
+            raise EdgeDistillError("models: give at least one model (.gguf, .onnx, ONNX or checkpoint directory)")
+        self.models = [Path(m) for m in self.models]
+        self.data = [Path(d) for d in self.data or []]
+        self.out = Path(self.out)
+        self.teacher = Path(self.teacher) if self.teacher is not None else None
+        if self.labels is not None:
+            self.labels = [str(label) for label in self.labels]
+            if len(self.labels) != len(self.models):
+                raise EdgeDistillError(f"labels: {len(self.labels)} labels for {len(self.models)} models")
+        if not self.threads or any(isinstance(t, bool) or not isinstance(t, int) or t < 1 for t in self.threads):
+            raise EdgeDistillError(f"threads: expected positive integers, got {self.threads!r}")
+        self.threads = sorted(set(self.threads))
+        for name, value, low in (
+            ("prompt_tokens", self.prompt_tokens, 1),
+            ("gen_tokens", self.gen_tokens, 2),
+            ("repeat", self.repeat, 1),
+            ("warmup", self.warmup, 0),
+            ("quality_tokens", self.quality_tokens, 2),
+            ("quality_window", self.quality_window, 2),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise EdgeDistillError(f"{name}: expected an integer >= {low}, got {value!r}")
+
+
+def default_label(path: Path) -> str:
+    path = Path(path)
+    if path.name == "model.onnx":
+        return path.parent.name
+    return path.stem if path.is_file() else path.name
+
+
+@dataclass
+class _Model:
+    path: Path
+    label: str
+    kind: str
+    role: str  # "teacher" or "student"
+    bytes: Any = None
+
+
+def _plan_models(config: BenchConfig) -> list[_Model]:
+    labels = config.labels or [default_label(p) for p in config.models]
+    models = [_Model(p, label, artifact_kind(p), "student") for p, label in zip(config.models, labels)]
+    if config.teacher is not None:
+        kind = artifact_kind(config.teacher)
+        same = [m for m in models if m.path.resolve() == config.teacher.resolve()]
+        if same:
+            same[0].role = "teacher"
+            models.remove(same[0])
+            models.insert(0, same[0])
+        else:
+            models.insert(0, _Model(config.teacher, "teacher", kind, "teacher"))
+    seen: dict[str, int] = {}
+    for model in models:  # unique labels: a second "student" becomes "student-2"
+        seen[model.label] = seen.get(model.label, 0) + 1
+        if seen[model.label] > 1:
+            model.label = f"{model.label}-{seen[model.label]}"
+    return models
+
+
+def _torch_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("torch") is not None and importlib.util.find_spec("transformers") is not None
+
+
+def _plan_threads(config: BenchConfig, target: TargetProfile | None, notes: list[str]) -> tuple[list[int], list[int]]:
+    """Thread counts and the CPUs to pin to (empty: no pinning)."""
+    cpus = available_cpus()
+    threads = list(config.threads)
+    pinned: list[int] = []
+    if target is not None and not target.measured:
+        limit = target.usable_cores
+        kept = [t for t in threads if t <= limit]
+        if len(kept) < len(threads):
+            notes.append(
+                f"threads {', '.join(str(t) for t in threads if t > limit)} dropped: target {target.name} has "
+                f"{limit} usable cores"
+            )
+        if not kept:
+            raise EdgeDistillError(f"threads: none of {threads} fits target {target.name} ({limit} usable cores)")
+        threads = kept
+        pinned = cpus[: min(limit, len(cpus))]
+    over = [t for t in threads if t > len(pinned or cpus)]
+    if over:
+        notes.append(
+            f"threads {', '.join(map(str, over))} exceed the {len(pinned or cpus)} CPUs available here: "
+            "those rows are oversubscribed"
+        )
+    return threads, pinned
+
+
+def run_bench(config: BenchConfig, progress: bool = True) -> dict[str, Any]:
+    """Run the bench and write bench.json, bench.csv, bench.md and the plots into ``config.out``.
+
+    Args:
+        config: what to measure.
+        progress: show a progress bar on stderr.
+
+    Returns:
+        The same dict as bench.json (``rows``, ``environment``, ``claims``, ...).
+
+    Raises:
+        EdgeDistillError: bad input (a missing model, an unknown target, unreadable data) or a model that fails to
+            load or run; the message names the model.
+    """
+    from edgedistill.bench.report import clean, write_reports
+
+    notes: list[str] = []
+    target = load_target(config.target) if config.target else None
+    models = _plan_models(config)
+    threads, pinned = _plan_threads(config, target, notes)
+    texts = read_texts(config.data) if config.data else None
+    env = environment(threads, bandwidth=config.measure_bandwidth)
+    on_target = bool(target and not target.measured and target.matches(env["device_model"], env["cpu_model"]))
+    if on_target:
+        notes.append(
+            f"this machine is a {target.name} ({env['device_model'] or env['cpu_model']}): every number is "  # type: ignore[union-attr]
+            "measured on the target itself; nothing is projected"
+        )
+    skipped: list[dict[str, str]] = []
+    if any(m.kind == KIND_TORCH for m in models) and not _torch_available():
+        for model in [m for m in models if m.kind == KIND_TORCH]:
+            skipped.append(
+                {
+                    "label": model.label,
+                    "path": str(model.path),
+                    "reason": "PyTorch checkpoint skipped: torch and transformers are not installed",
+                }
+            )
+            models.remove(model)
+    if not models:
+        raise EdgeDistillError("models: nothing left to measure (" + "; ".join(s["reason"] for s in skipped) + ")")
+    for model in models:
+        model.bytes = decode_bytes(model.path, model.kind)
+    context = config.context or config.prompt_tokens + config.gen_tokens
+    if texts is not None:
+        context = max(context, config.quality_window)
+
+    config.out.mkdir(parents=True, exist_ok=True)
+    rows: list[dict[str, Any]] = []
+    per_task = config.warmup + config.repeat
+    total = len(models) * len(threads) * per_task + (len(models) if texts is not None else 0)
+    bar = _progress(total, progress)
+    with tempfile.TemporaryDirectory(prefix="edgedistill-bench-") as scratch_dir:
+        scratch = Path(scratch_dir)
+        texts_file = None
+        if texts is not None:
+            texts_file = scratch / "texts.json"
+            texts_file.write_text(json.dumps(texts), encoding="utf-8")
+        teacher_scores = scratch / "teacher_scores.npz"
+        for model in models:
+            for index, count in enumerate(threads):
+                quality = None
+                if texts_file is not None and index == len(threads) - 1:
+                    quality = {
+                        "texts": str(texts_file),
+                        "max_tokens": config.quality_tokens,
+                        "window": config.quality_window,
+                        "save": str(teacher_scores) if model.role == "teacher" else None,
+                        "reference": str(teacher_scores)
+                        if model.role != "teacher" and teacher_scores.is_file()
+                        else None,
+                    }
+                spec = {
+                    "path": str(model.path),
+                    "kind": model.kind,
+                    "label": model.label,
+                    "threads": count,
+                    "cpus": pinned,
+                    "context": context,
+                    "prompt_tokens": config.prompt_tokens,
+                    "gen_tokens": config.gen_tokens,
+                    "warmup": config.warmup,
+                    "repeat": config.repeat,
+                    "quality": quality,
+                    "result": str(scratch / f"result-{len(rows)}.json"),
+                }
+                bar.set_description(f"{model.label} x{count}")
+                measured = _run_worker(spec, scratch, bar)
+                rows.append(_row(model, count, measured, env, target, on_target, config))
+    bar.close()
+    _add_retention(rows)
+    result: dict[str, Any] = {
+        "schema": SCHEMA,
+        "schema_version": SCHEMA_VERSION,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "config": _config_dict(config, threads),
+        "environment": env,
+        "target": target.to_dict() if target else None,
+        "on_target": on_target,
+        "definitions": DEFINITIONS,
+        "rows": rows,
+        "skipped": skipped,
+        "notes": notes + _cache_notes(rows, target, on_target),
+        "claims": None,
+    }
+    if config.claims:
+        from edgedistill.bench.claims import check_claims
+
+        result["claims"] = check_claims(result)
+    result = clean(result)
+    write_reports(result, config.out)
+    return result
+
+
+def _config_dict(config: BenchConfig, threads: list[int]) -> dict[str, Any]:
+    data = asdict(config)
+    data["threads"] = threads
+    return json.loads(json.dumps(data, default=str))
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def set_description(self, text: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(total: int, enabled: bool) -> Any:
+    if not enabled:
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="run", file=sys.stderr, dynamic_ncols=True, leave=False)
+
+
+def _run_worker(spec: dict[str, Any], scratch: Path, bar: Any) -> dict[str, Any]:
+    """Run one measurement in a fresh interpreter and return its result; errors become EdgeDistillError."""
+    from edgedistill.bench.worker import MARKER
+
+    spec_file = Path(spec["result"]).with_suffix(".spec.json")
+    spec_file.write_text(json.dumps(spec), encoding="utf-8")
+    stderr_file = spec_file.with_suffix(".stderr")
+    env = dict(os.environ)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    with open(stderr_file, "w", encoding="utf-8") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "edgedistill.bench.worker", str(spec_file)],
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+            env=env,
+        )
+        assert process.stdout is not None
+        for line in process.stdout:
+            if line.startswith(MARKER):
+                event = json.loads(line[len(MARKER) :])
+                if event.get("event") in ("rep", "quality"):
+                    bar.update(1)
+        code = process.wait(timeout=WORKER_TIMEOUT_S)
+    result_file = Path(spec["result"])
+    where = f"{spec['label']} ({spec['path']}, {spec['threads']} threads)"
+    if not result_file.is_file():
+        tail = stderr_file.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-5:]
+        raise EdgeDistillError(f"bench of {where}: the measuring process died (exit {code}): {' | '.join(tail)}")
+    result = json.loads(result_file.read_text(encoding="utf-8"))
+    if "error" in result:
+        raise EdgeDistillError(f"bench of {where}: {result['error']}")
+    return result
+
+
+def _row(
+    model: _Model,
+    threads: int,
+    measured: dict[str, Any],
+    env: dict[str, Any],
+    target: TargetProfile | None,
+    on_target: bool,
+    config: BenchConfig,
+) -> dict[str, Any]:
+    info = measured["info"]
+    positions = config.prompt_tokens + config.gen_tokens / 2
+    bytes_per_token = model.bytes.per_token(positions)
+    bandwidth = bandwidth_for(env, threads)
+    decode = measured["decode_tps"]["mean"]
+    bound = bandwidth * 1e9 / bytes_per_token if bandwidth and bytes_per_token > 0 else math.nan
+    llc = env.get("last_level_cache_bytes") or 0
+    row: dict[str, Any] = {
+        "label": model.label,
+        "role": model.role,
+        "path": str(model.path),
+        "backend": info["backend"],
+        "format": info["format"],
+        "quantization": info["quantization"],
+        "parameters": info["parameters"],
+        "file_bytes": info["file_bytes"],
+        "threads": threads,
+        "cpus": measured["cpus"],
+        "load_s": measured["load_s"],
+        "load_mode": measured["load_mode"],
+        "ttft_ms": measured["ttft_ms"],
+        "prefill_tps": measured["prefill_tps"],
+        "decode_tps": measured["decode_tps"],
+        "token_ms_p50": measured["token_ms_p50"],
+        "token_ms_p95": measured["token_ms_p95"],
+        "decode_steps": measured["decode_steps"],
+        "prompt_tokens": config.prompt_tokens,
+        "gen_tokens": config.gen_tokens,
+        "peak_rss_mb": measured["peak_rss_mb"],
+        "rss_before_mb": measured["rss_before_mb"],
+        "model_rss_mb": measured["peak_rss_mb"] - measured["rss_before_mb"],
+        "rss_after_load_mb": measured["rss_after_load_mb"],
+        "kernel_peak_rss_mb": measured["kernel_peak_rss_mb"],
+        "rss_rate_hz": measured["rss_rate_hz"],
+        "rss_samples": measured["rss_samples"],
+        "bytes_per_token": bytes_per_token,
+        "weight_bytes_per_token": model.bytes.weights,
+        "kv_bytes_per_position": model.bytes.kv_per_position,
+        "bytes_method": model.bytes.method,
+        "bandwidth_gbs": bandwidth,
+        "bound_tps": bound,
+        "bound_share": decode / bound if bound and bound > 0 and not math.isnan(bound) else math.nan,
+        "fits_in_host_cache": bool(llc and bytes_per_token <= llc),
+        "runs": measured["runs"],
+        "load_average": measured.get("load_average", []),
+        "unstable": _unstable(measured),
+        "measured_on": "target" if on_target else "host",
+    }
+    if target is not None and not target.measured and not on_target and bandwidth:
+        projection = project_decode_tps(decode, bytes_per_token, bandwidth, target.bandwidth(threads))
+        projection.update(
+            {
+                "target": target.name,
+                "threads": threads,
+                "target_bandwidth_gbs": target.bandwidth(threads),
+                "fits_in_target_cache": bool(target.cache_bytes and bytes_per_token <= target.cache_bytes),
+                "label": PROJECTION_LABEL,
+            }
+        )
+        row["projection"] = projection
+    if "quality" in measured:
+        quality = dict(measured["quality"])
+        quality.setdefault("agreement", None)
+        quality["retention"] = None
+        row["quality"] = quality
+    return row
+
+
+def _unstable(measured: dict[str, Any]) -> bool:
+    """Repetitions that disagree by more than :data:`UNSTABLE_CV` (coefficient of variation of decode tokens/s):
+    usually another process was using the CPUs."""
+    decode = measured["decode_tps"]
+    return bool(decode["n"] > 1 and decode["mean"] > 0 and decode["std"] / decode["mean"] > UNSTABLE_CV)
+
+
+def _add_retention(rows: list[dict[str, Any]]) -> None:
+    teacher = next((r for r in rows if r["role"] == "teacher" and "quality" in r), None)
+    if teacher is None:
+        return
+    for row in rows:
+        if "quality" in row and row is not teacher:
+            if row["quality"].get("agreement") is not None:
+                row["quality"]["retention"] = retention(teacher["quality"]["perplexity"], row["quality"]["perplexity"])
+            else:
+                row["quality"]["retention_note"] = "not measured: perplexities over different tokenizations"
+        elif row is teacher:
+            row["quality"]["reference"] = "teacher: agreement and retention are measured against it"
+
+
+def _cache_notes(rows: list[dict[str, Any]], target: TargetProfile | None, on_target: bool) -> list[str]:
+    notes = []
+    cached = sorted({r["label"] for r in rows if r["fits_in_host_cache"]})
+    if cached:
+        notes.append(
+            f"{', '.join(cached)}: small enough to sit in this host's last-level cache; their host decode speed is "
+            "cache-inflated and does not transfer to a device with less cache"
+            + (
+                " (projections cap the host efficiency at 1)"
+                if target and not on_target and not target.measured
+                else ""
+            )
+        )
+    unstable = sorted({f"{r['label']} ({r['threads']} threads)" for r in rows if r.get("unstable")})
+    if unstable:
+        notes.append(
+            f"{', '.join(unstable)}: decode speed varied by more than {UNSTABLE_CV:.0%} between repetitions "
+            "(stddev / mean); something else was probably running - rerun those rows on a quiet machine"
+        )
+    above = sorted({r["label"] for r in rows if isinstance(r["bound_share"], float) and r["bound_share"] > 1})
+    if above:
+        notes.append(f"{', '.join(above)}: decoded above the DRAM bound, i.e. from cache")
+    return notes

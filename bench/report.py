@@ -1,0 +1,561 @@
+"""Reports of a bench result: bench.json (versioned schema), bench.csv, bench.md, PNG plots, and the stdout table.
+
+Every number printed comes from the result: measured on this host, derived from measurements (roofline), or a
+projection, and a projection is labelled "projection" in every table, column and plot where it appears.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+# bench.csv columns, in order: (header, function of a row).
+CSV_COLUMNS: list[tuple[str, Any]] = [
+    ("label", lambda r: r["label"]),
+    ("role", lambda r: r["role"]),
+    ("path", lambda r: r["path"]),
+    ("backend", lambda r: r["backend"]),
+    ("quantization", lambda r: r["quantization"]),
+    ("parameters", lambda r: r["parameters"]),
+    ("file_bytes", lambda r: r["file_bytes"]),
+    ("threads", lambda r: r["threads"]),
+    ("measured_on", lambda r: r["measured_on"]),
+    ("load_s", lambda r: r["load_s"]),
+    ("load_mode", lambda r: r["load_mode"]),
+    ("ttft_ms_mean", lambda r: r["ttft_ms"]["mean"]),
+    ("ttft_ms_std", lambda r: r["ttft_ms"]["std"]),
+    ("prefill_tps_mean", lambda r: r["prefill_tps"]["mean"]),
+    ("prefill_tps_std", lambda r: r["prefill_tps"]["std"]),
+    ("decode_tps_mean", lambda r: r["decode_tps"]["mean"]),
+    ("decode_tps_std", lambda r: r["decode_tps"]["std"]),
+    ("repetitions", lambda r: r["decode_tps"]["n"]),
+    ("token_ms_p50", lambda r: r["token_ms_p50"]),
+    ("token_ms_p95", lambda r: r["token_ms_p95"]),
+    ("peak_rss_mb", lambda r: r["peak_rss_mb"]),
+    ("rss_before_mb", lambda r: r["rss_before_mb"]),
+    ("model_rss_mb", lambda r: r["model_rss_mb"]),
+    ("rss_rate_hz", lambda r: r["rss_rate_hz"]),
+    ("bytes_per_token", lambda r: r["bytes_per_token"]),
+    ("bandwidth_gbs", lambda r: r["bandwidth_gbs"]),
+    ("bound_tps", lambda r: r["bound_tps"]),
+    ("bound_share", lambda r: r["bound_share"]),
+    ("fits_in_host_cache", lambda r: r["fits_in_host_cache"]),
+    ("projection_target", lambda r: (r.get("projection") or {}).get("target")),
+    ("projection_decode_tps", lambda r: (r.get("projection") or {}).get("decode_tps")),
+    ("perplexity", lambda r: (r.get("quality") or {}).get("perplexity")),
+    ("agreement", lambda r: (r.get("quality") or {}).get("agreement")),
+    ("retention", lambda r: (r.get("quality") or {}).get("retention")),
+    ("quality_tokens", lambda r: (r.get("quality") or {}).get("tokens")),
+]
+PLOTS = ("decode_vs_size.png", "memory_vs_size.png", "quality_vs_size.png")
+
+
+def clean(value: Any) -> Any:
+    """A copy with NaN and infinities replaced by None (JSON has no NaN), numpy scalars made plain."""
+    if isinstance(value, dict):
+        return {str(k): clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [clean(v) for v in value]
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write through a temporary file in the same directory and a rename: never a half-written report."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as out:
+            out.write(data)
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_reports(result: dict[str, Any], out: Path) -> dict[str, Path]:
+    """Write bench.json, bench.csv, bench.md and the plots (when matplotlib is installed) into ``out``."""
+    out = Path(out)
+    written = {
+        "json": out / "bench.json",
+        "csv": out / "bench.csv",
+        "md": out / "bench.md",
+    }
+    atomic_write_bytes(written["json"], (json.dumps(clean(result), indent=2, allow_nan=False) + "\n").encode())
+    atomic_write_bytes(written["csv"], csv_text(result).encode())
+    plots, why = write_plots(result, out)
+    written.update({name: path for name, path in plots.items()})
+    body = markdown_tables(result)
+    if plots:
+        body += "\n### Plots\n\n" + "".join(f"![{name}]({path.name})\n" for name, path in plots.items())
+    elif why:
+        body += f"\n### Plots\n\nNo plots: {why}\n"
+    atomic_write_bytes(written["md"], ("# edgedistill bench\n\n" + body).encode())
+    return written
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A bench.json, checked for its schema."""
+    from edgedistill.bench.harness import SCHEMA, SCHEMA_VERSION
+    from edgedistill.errors import EdgeDistillError
+
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    if data.get("schema") != SCHEMA or data.get("schema_version") != SCHEMA_VERSION:
+        raise EdgeDistillError(f"{path}: not a {SCHEMA} v{SCHEMA_VERSION} report")
+    return data
+
+
+def csv_text(result: dict[str, Any]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow([name for name, _ in CSV_COLUMNS])
+    for row in result["rows"]:
+        writer.writerow(["" if (v := get(row)) is None else _csv_value(v) for _, get in CSV_COLUMNS])
+    return buffer.getvalue()
+
+
+def _csv_value(value: Any) -> Any:
+    if isinstance(value, float):
+        return "" if not math.isfinite(value) else f"{value:.6g}"
+    return value
+
+
+# ----------------------------------------------------------------------------------------------------- formatting
+
+
+def _num(value: Any, digits: int = 1) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    return f"{value:,.{digits}f}"
+
+
+def _pm(stat: dict[str, Any] | None, digits: int = 1) -> str:
+    if not stat or stat.get("mean") is None:
+        return "-"
+    return f"{_num(stat['mean'], digits)} ± {_num(stat.get('std'), digits)}"
+
+
+def _params(count: Any) -> str:
+    return f"{count / 1e6:.1f} M" if count else "-"
+
+
+def _mb(count: Any) -> str:
+    return f"{count / 1e6:.1f}" if count else "-"
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(cells) + " |" for cells in rows]
+    return "\n".join(lines) + "\n"
+
+
+def environment_line(result: dict[str, Any]) -> str:
+    env = result["environment"]
+    caches = ", ".join(
+        f"L{c['level']}{'d' if c['type'] == 'Data' else 'i' if c['type'] == 'Instruction' else ''} "
+        f"{c['bytes'] >> 10} KiB" + (f" (shared by {c['shared_by']})" if c["shared_by"] > 1 else "")
+        for c in env.get("caches", [])
+    )
+    bandwidth = env.get("bandwidth_gbs") or {}
+    bw = (
+        ", ".join(f"{v:.1f} GB/s ({k} thread{'s' if k != '1' else ''})" for k, v in bandwidth.items()) or "not measured"
+    )
+    libs = ", ".join(f"{k} {v}" for k, v in env.get("libraries", {}).items())
+    modes = sorted({f"{r['backend']}: {r['load_mode']}" for r in result["rows"]})
+    cpus = sorted({len(r["cpus"]) for r in result["rows"] if r.get("cpus")})
+    device = f" on {env['device_model']}" if env.get("device_model") else ""
+    return (
+        f"- Host{device}: {env['cpu_model']} ({env['machine']}), {env['available_cpus']} of {env['logical_cpus']} "
+        f"CPUs available; CPUs used per row: {', '.join(map(str, cpus)) or '-'}\n"
+        f"- Caches: {caches or 'unknown'}\n"
+        f"- Memory: {env.get('memory_total_bytes', 0) / 1e9:.1f} GB; measured read bandwidth: {bw}\n"
+        f"- Load mode: {'; '.join(modes)}\n"
+        f"- Libraries: {libs}\n"
+    )
+
+
+def markdown_tables(result: dict[str, Any]) -> str:
+    """The body of bench.md: environment, speed, memory, roofline, projection, quality, claims, definitions, notes.
+
+    Headings are level 3 (``###``) so that the pipeline's report can embed the body under a heading of its own.
+    """
+    rows = result["rows"]
+    config = result.get("config", {})
+    target = result.get("target")
+    where = "the target itself" if result.get("on_target") else "this host"
+    parts = [
+        "### Environment\n\n" + environment_line(result),
+        f"\n### Speed (measured on {where})\n\n"
+        f"Prompt {config.get('prompt_tokens')} tokens, {config.get('gen_tokens')} generated; mean ± stddev over "
+        f"{config.get('repeat')} repetitions after {config.get('warmup')} warm-up.\n\n"
+        + _table(
+            [
+                "model",
+                "backend",
+                "quant",
+                "params",
+                "file MB",
+                "threads",
+                "load s",
+                "TTFT ms",
+                "prefill tok/s",
+                "decode tok/s",
+                "token ms p50",
+                "p95",
+            ],
+            [
+                [
+                    r["label"],
+                    r["backend"],
+                    r["quantization"],
+                    _params(r["parameters"]),
+                    _mb(r["file_bytes"]),
+                    str(r["threads"]),
+                    _num(r["load_s"], 2),
+                    _pm(r["ttft_ms"]),
+                    _pm(r["prefill_tps"], 0),
+                    _pm(r["decode_tps"]) + (" (unstable)" if r.get("unstable") else ""),
+                    _num(r["token_ms_p50"], 2),
+                    _num(r["token_ms_p95"], 2),
+                ]
+                for r in rows
+            ],
+        ),
+        f"\n### Memory (measured on {where})\n\n"
+        + _table(
+            [
+                "model",
+                "threads",
+                "RSS before load MB",
+                "peak RSS MB",
+                "peak - before MB",
+                "kernel peak MB",
+                "sampling Hz",
+                "file MB",
+            ],
+            [
+                [
+                    r["label"],
+                    str(r["threads"]),
+                    _num(r["rss_before_mb"]),
+                    _num(r["peak_rss_mb"]),
+                    _num(r["model_rss_mb"]),
+                    _num(r.get("kernel_peak_rss_mb")),
+                    _num(r["rss_rate_hz"], 0),
+                    _mb(r["file_bytes"]),
+                ]
+                for r in rows
+            ],
+        ),
+        "\n### Roofline (decode bound = measured bandwidth / bytes read per token)\n\n"
+        + _table(
+            [
+                "model",
+                "threads",
+                "MB read per token",
+                "bandwidth GB/s",
+                "bound tok/s",
+                "decode tok/s",
+                "share of bound",
+                "fits in host cache",
+            ],
+            [
+                [
+                    r["label"],
+                    str(r["threads"]),
+                    _mb(r["bytes_per_token"]),
+                    _num(r["bandwidth_gbs"]),
+                    _num(r["bound_tps"]),
+                    _num(r["decode_tps"]["mean"]),
+                    "-"
+                    if r["bound_share"] is None or not math.isfinite(r["bound_share"])
+                    else f"{r['bound_share']:.0%}",
+                    "yes: host numbers do not transfer" if r["fits_in_host_cache"] else "no",
+                ]
+                for r in rows
+            ],
+        ),
+    ]
+    projected = [r for r in rows if r.get("projection")]
+    if target and projected:
+        parts.append(
+            f"\n### Projection onto {target['name']} ({target['description']}) - projection, not a measurement\n\n"
+            f"projected decode tok/s = host efficiency (host decode / host bound, capped at 1) × "
+            f"{target['name']} bandwidth / bytes per token. {target.get('notes', '')}\n\n"
+            + _table(
+                [
+                    "model",
+                    "threads",
+                    "host decode tok/s (measured)",
+                    "host efficiency",
+                    f"{target['name']} bandwidth GB/s",
+                    f"{target['name']} decode tok/s (projection)",
+                    "caveat",
+                ],
+                [
+                    [
+                        r["label"],
+                        str(r["threads"]),
+                        _num(r["decode_tps"]["mean"]),
+                        _num(r["projection"]["efficiency"], 2),
+                        _num(r["projection"]["target_bandwidth_gbs"]),
+                        _num(r["projection"]["decode_tps"]) + " (projection)",
+                        "; ".join(
+                            c
+                            for c in (
+                                "host ran from cache: efficiency capped at 1" if r["projection"]["capped"] else "",
+                                f"fits in {target['name']}'s cache" if r["projection"]["fits_in_target_cache"] else "",
+                            )
+                            if c
+                        )
+                        or "-",
+                    ]
+                    for r in projected
+                ],
+            )
+        )
+    quality = [r for r in rows if r.get("quality")]
+    if quality:
+        parts.append(
+            "\n### Quality (held-out data, through the runtime's logits)\n\n"
+            + _table(
+                [
+                    "model",
+                    "perplexity",
+                    "top-1 agreement with teacher",
+                    "retention (teacher ppl / student ppl)",
+                    "tokens",
+                ],
+                [
+                    [
+                        r["label"],
+                        _num(r["quality"]["perplexity"], 2),
+                        _pct(r["quality"].get("agreement")) if r["role"] != "teacher" else "(teacher)",
+                        _pct(r["quality"].get("retention")) if r["role"] != "teacher" else "(teacher)",
+                        str(r["quality"]["tokens"]),
+                    ]
+                    for r in quality
+                ],
+            )
+        )
+    if result.get("claims"):
+        parts.append("\n### Claims of the seed (MiniMind) against these measurements\n\n" + claims_table(result))
+    definitions = dict(result.get("definitions", {}))
+    if result.get("claims"):
+        from edgedistill.bench.claims import DEFINITIONS as CLAIM_DEFINITIONS
+
+        definitions.update({f"claim: {k}": v for k, v in CLAIM_DEFINITIONS.items()})
+    parts.append("\n### Definitions\n\n" + "".join(f"- **{k}**: {v}\n" for k, v in definitions.items()))
+    notes = list(result.get("notes", [])) + [f"{s['label']}: {s['reason']}" for s in result.get("skipped", [])]
+    if notes:
+        parts.append("\n### Notes\n\n" + "".join(f"- {n}\n" for n in notes))
+    return "".join(parts)
+
+
+def _pct(value: Any) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    return f"{value:.1%}" if abs(value) >= 0.01 or value == 0 else f"{value:.2%}"
+
+
+def _claim_value(claim: dict[str, Any]) -> str:
+    value = claim.get("measured")
+    if value is None:
+        return "-"
+    if claim["claim"].startswith("speed-up"):
+        return f"{value:.2f}x"
+    if claim["claim"].startswith("memory"):
+        return f"{value:.0f} MB"
+    return _pct(value)
+
+
+def claims_table(result: dict[str, Any]) -> str:
+    return _table(
+        ["claim", "model", "seed says", "measured", "verdict", "how"],
+        [
+            [c["claim"], c.get("model", "-"), c["seed"], _claim_value(c), f"**{c['verdict']}**", c["note"]]
+            for c in result.get("claims") or []
+        ],
+    )
+
+
+def text_table(result: dict[str, Any]) -> str:
+    """The human table printed on stdout: one line per row, then projections and claims."""
+    rows = result["rows"]
+    target = result.get("target")
+    where = "target" if result.get("on_target") else "host"
+    headers = [
+        "model",
+        "backend",
+        "quant",
+        "params",
+        "thr",
+        "load s",
+        "TTFT ms",
+        "prefill tok/s",
+        "decode tok/s",
+        "p50 ms",
+        "p95 ms",
+        "peak MB (before)",
+        "bound",
+        "ppl",
+    ]
+    body = [
+        [
+            r["label"],
+            r["backend"],
+            r["quantization"],
+            _params(r["parameters"]),
+            str(r["threads"]),
+            _num(r["load_s"], 2),
+            _pm(r["ttft_ms"]),
+            _pm(r["prefill_tps"], 0),
+            _pm(r["decode_tps"]) + ("!" if r.get("unstable") else ""),
+            _num(r["token_ms_p50"], 2),
+            _num(r["token_ms_p95"], 2),
+            f"{_num(r['peak_rss_mb'], 0)} ({_num(r['rss_before_mb'], 0)})",
+            "-"
+            if r["bound_share"] is None or not math.isfinite(r["bound_share"])
+            else f"{r['bound_share']:.0%}" + ("*" if r["fits_in_host_cache"] else ""),
+            _num((r.get("quality") or {}).get("perplexity"), 2),
+        ]
+        for r in rows
+    ]
+    lines = [f"measured on this {where} ({result['environment']['cpu_model']}):", _align(headers, body)]
+    if any(r["fits_in_host_cache"] for r in rows):
+        lines.append("* fits in this host's last-level cache: host decode speed does not transfer to a smaller device")
+    if any(r.get("unstable") for r in rows):
+        lines.append("! unstable: repetitions disagree by more than 25 % (something else was running?)")
+    projected = [r for r in rows if r.get("projection")]
+    if target and projected:
+        lines.append(f"\n{target['name']} decode tok/s - PROJECTION from host bandwidth efficiency, not measured:")
+        lines.append(
+            _align(
+                ["model", "thr", "host decode tok/s", f"{target['name']} projection tok/s", "note"],
+                [
+                    [
+                        r["label"],
+                        str(r["threads"]),
+                        _num(r["decode_tps"]["mean"]),
+                        _num(r["projection"]["decode_tps"]) + " (projection)",
+                        "host ran from cache: capped" if r["projection"]["capped"] else "",
+                    ]
+                    for r in projected
+                ],
+            )
+        )
+    if result.get("claims"):
+        lines.append("\nclaims of the seed:")
+        lines.append(
+            _align(
+                ["claim", "model", "measured", "verdict"],
+                [[c["claim"], c.get("model", "-"), _claim_value(c), c["verdict"].upper()] for c in result["claims"]],
+            )
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _align(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(x)) for x in column) for column in zip(headers, *rows)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    return "\n".join(fmt.format(*line).rstrip() for line in [headers, *rows])
+
+
+# ------------------------------------------------------------------------------------------------------------ plots
+
+
+def write_plots(result: dict[str, Any], out: Path) -> tuple[dict[str, Path], str]:
+    """Decode tokens/s, peak memory and perplexity against file size, one point per model (its highest thread
+    count). Projections, when present, are drawn as hollow markers and labelled "projection" in the legend.
+
+    Returns:
+        ``({name: path}, "")``, or ``({}, reason)`` when matplotlib is missing or there is nothing to plot.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return {}, "matplotlib is not installed (pip install 'edgedistill[bench]')"
+    latest: dict[str, dict[str, Any]] = {}
+    for row in result["rows"]:
+        if row["label"] not in latest or row["threads"] >= latest[row["label"]]["threads"]:
+            latest[row["label"]] = row
+    points = list(latest.values())
+    if not points:
+        return {}, "no rows"
+    written: dict[str, Path] = {}
+    where = "target" if result.get("on_target") else "host"
+
+    def scatter(
+        name: str,
+        values: list[tuple[dict[str, Any], float | None]],
+        ylabel: str,
+        title: str,
+        projection: list[tuple[dict[str, Any], float | None]] | None = None,
+    ) -> None:
+        shown = [(r, v) for r, v in values if v is not None and math.isfinite(v)]
+        if not shown:
+            return
+        figure, axis = plt.subplots(figsize=(6.4, 4.2))
+        axis.scatter([r["file_bytes"] / 1e6 for r, _ in shown], [v for _, v in shown], label=f"measured ({where})")
+        for r, v in shown:
+            axis.annotate(
+                f"{r['label']} ({r['threads']}t)",
+                (r["file_bytes"] / 1e6, v),
+                fontsize=7,
+                xytext=(3, 3),
+                textcoords="offset points",
+            )
+        if projection:
+            proj = [(r, v) for r, v in projection if v is not None and math.isfinite(v)]
+            if proj:
+                axis.scatter(
+                    [r["file_bytes"] / 1e6 for r, _ in proj],
+                    [v for _, v in proj],
+                    facecolors="none",
+                    edgecolors="tab:red",
+                    label=f"projection onto {result['target']['name']} (not measured)",
+                )
+        axis.set_xscale("log")
+        axis.set_xlabel("file size (MB, log scale)")
+        axis.set_ylabel(ylabel)
+        axis.set_title(title)
+        axis.grid(True, alpha=0.3)
+        axis.legend(fontsize=8)
+        figure.tight_layout()
+        buffer = io.BytesIO()
+        figure.savefig(buffer, format="png", dpi=110)
+        plt.close(figure)
+        path = out / name
+        atomic_write_bytes(path, buffer.getvalue())
+        written[name] = path
+
+    scatter(
+        PLOTS[0],
+        [(r, r["decode_tps"]["mean"]) for r in points],
+        "decode tokens/s",
+        "Decode speed against size",
+        [(r, r["projection"]["decode_tps"]) for r in points if r.get("projection")],
+    )
+    scatter(PLOTS[1], [(r, r["peak_rss_mb"]) for r in points], "peak RSS (MB)", "Peak memory against size")
+    scatter(
+        PLOTS[2],
+        [(r, (r.get("quality") or {}).get("perplexity")) for r in points],
+        "held-out perplexity (lower is better)",
+        "Quality against size",
+    )
+    return written, "" if written else "nothing to plot"
