@@ -45,9 +45,10 @@ DEFINITIONS = {
     "prefill_tps": "prompt tokens / prompt evaluation time",
     "decode_tps": "(gen_tokens - 1) / time of the single-token steps after the first token; EOS ignored",
     "token_ms": "wall time of one decoding step (evaluate one token + argmax), p50/p95 over all measured steps",
-    "peak_rss_mb": "highest RSS of the measuring process sampled every 2.5 ms from before loading to the last "
-    "repetition (MB = 1e6 bytes); rss_before_mb is the RSS after importing the backend, before loading; "
-    "kernel_peak_rss_mb is the kernel's high-water mark (VmHWM) of the whole measuring process",
+    "peak_rss_mb": "peak RSS of the measuring process from before loading to the last repetition (MB = 1e6 bytes): "
+    "the higher of the RSS sampled every 2.5 ms (sampled_peak_rss_mb) and the kernel's high-water mark (VmHWM, "
+    "kernel_peak_rss_mb), which catches peaks the sampler misses while native code holds the GIL; rss_before_mb "
+    "is the RSS after importing the backend, before loading",
     "bytes_per_token": "weights read per decoding step (all but an untied embedding table) + key/value bytes of "
     "the mean cached length (prompt + gen/2)",
     "bound_tps": "measured host read bandwidth at the row's thread count / bytes_per_token (the decode roofline)",
@@ -414,6 +415,8 @@ def _row(
         "model_rss_mb": measured["peak_rss_mb"] - measured["rss_before_mb"],
         "rss_after_load_mb": measured["rss_after_load_mb"],
         "kernel_peak_rss_mb": measured["kernel_peak_rss_mb"],
+        "sampled_peak_rss_mb": measured["sampled_peak_rss_mb"],
+        "peak_source": measured["peak_source"],
         "rss_rate_hz": measured["rss_rate_hz"],
         "rss_samples": measured["rss_samples"],
         "bytes_per_token": bytes_per_token,
@@ -482,6 +485,18 @@ def _cache_notes(rows: list[dict[str, Any]], target: TargetProfile | None, on_ta
                 if target and not on_target and not target.measured
                 else ""
             )
+        )
+    missed = sorted(
+        {
+            f"{r['label']} ({r['sampled_peak_rss_mb']:.0f} sampled, {r['kernel_peak_rss_mb']:.0f} MB kernel)"
+            for r in rows
+            if r.get("kernel_peak_rss_mb") and r["kernel_peak_rss_mb"] > 1.05 * r["sampled_peak_rss_mb"]
+        }
+    )
+    if missed:
+        notes.append(
+            f"{', '.join(missed)}: the RSS sampler missed a short peak (native code held the GIL); the peak reported "
+            "is the kernel's high-water mark"
         )
     unstable = sorted({f"{r['label']} ({r['threads']} threads)" for r in rows if r.get("unstable")})
     if unstable:

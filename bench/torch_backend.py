@@ -44,6 +44,7 @@ class TorchModel:
             raise EdgeDistillError(f"{path}: transformers cannot load this checkpoint ({err})") from None
         self._torch = torch
         self._cache: Any = None
+        self._keep_last = True  # ask for the last position's logits only (transformers' logits_to_keep)
         config = self.model.config
         trained = getattr(config, "max_position_embeddings", None)
         self.info = ModelInfo(
@@ -79,10 +80,17 @@ class TorchModel:
             self._cache.crop(start)
         ids = torch.tensor([list(token_ids)], dtype=torch.long)
         positions = torch.arange(start, start + len(token_ids)).unsqueeze(0)
+        options = {"logits_to_keep": 1} if self._keep_last else {}
         with torch.inference_mode():
-            out = self.model(
-                input_ids=ids, position_ids=positions, past_key_values=self._cache, use_cache=True, logits_to_keep=1
-            )
+            try:
+                out = self.model(
+                    input_ids=ids, position_ids=positions, past_key_values=self._cache, use_cache=True, **options
+                )
+            except TypeError:  # a transformers release before ``logits_to_keep``: compute every position's logits
+                if not options:
+                    raise
+                self._keep_last = False
+                out = self.model(input_ids=ids, position_ids=positions, past_key_values=self._cache, use_cache=True)
         self._cache = out.past_key_values
         return out.logits[0, -1].float().numpy()
 
