@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import json
 import sys
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -53,6 +54,8 @@ _DISTILL_HELP = {
     "resume": "continue the run in --out from its last checkpoint",
     "save_every": "checkpoint every N steps (atomic; a crash loses at most N steps)",
     "val_fraction": "share of documents held out for evaluation",
+    "train_tokens": "train on at most this many tokens, in evenly spaced packed sequences (0: all)",
+    "heldout_tokens": "keep at most this many held-out tokens, evenly spaced (0: all; a cache must match)",
     "eval_tokens": "evaluate on at most this many held-out tokens (0: all)",
     "skip_bad_lines": "count and skip malformed data lines instead of stopping",
 }
@@ -67,7 +70,8 @@ def _add_config_flags(parser: argparse.ArgumentParser, cls: Any, help_texts: dic
         if item.type == "bool":
             parser.add_argument(flag, action="store_true", default=None, help=help_text)
         elif item.type.startswith("list"):
-            parser.add_argument(flag, nargs="+", default=None, metavar="FILE", help=help_text)
+            metavar = "FILE" if item.name == "data" else "VALUE"
+            parser.add_argument(flag, nargs="+", default=None, metavar=metavar, help=help_text)
         else:
             kind = {"int": int, "float": float, "str": str}[item.type]
             parser.add_argument(flag, type=kind, default=None, help=f"{help_text} (default: {default!r})")
@@ -111,6 +115,8 @@ _CACHE_HELP = {
     "batch_size": "sequences per teacher forward",
     "rows_per_shard": "sequences per shard file (the unit of resumption)",
     "val_fraction": "share of documents held out (must equal the distill run's)",
+    "train_tokens": "cache at most this many training tokens, evenly spaced (0: all; must equal the run's)",
+    "heldout_tokens": "cache at most this many held-out tokens, evenly spaced (0: all; must equal the run's)",
     "skip_bad_lines": "count and skip malformed data lines",
     "device": "auto, cpu or cuda (torch backend)",
     "teacher_dtype": "auto (bfloat16 on CUDA and on CPUs with native bf16, else float32), float32 or bfloat16",
@@ -211,6 +217,67 @@ COMMANDS["bench"] = (
     "measure latency, throughput, memory and quality of models (torch-free; projections onto edge targets)",
     _bench_args,
     _cmd_bench,
+)
+
+
+_PIPELINE_HELP = {
+    "out": "run directory: pipeline.toml, pipeline.json, teacher/, students/, export/, bench/, report.md",
+    "teacher": "a checkpoint directory, a .gguf file, or smollm2-135m (default)",
+    "data": "training data files (default: the embedded corpus)",
+    "students": "student presets (small, tiny, nano), shape files or checkpoint directories",
+    "steps": "optimizer steps per student run",
+    "batch_size": "sequences per step",
+    "seq_len": "tokens per packed sequence",
+    "alpha": "the distilled runs' CE weight (their twins use 1: CE only)",
+    "temperature": "distillation temperature",
+    "lr": "peak learning rate",
+    "seed": "random seed of every run",
+    "train_tokens": "training tokens used, evenly spaced sequences (0: all)",
+    "heldout_tokens": "held-out tokens used for evaluation (0: all)",
+    "top_k": "teacher cache width; 0 runs the teacher online in every distilled run",
+    "gguf_quants": "GGUF quantizations to export",
+    "onnx_quants": "ONNX quantizations to export",
+    "bench_threads": "thread counts the bench measures",
+    "bench_prompt_tokens": "prompt tokens per bench repetition",
+    "bench_gen_tokens": "generated tokens per bench repetition",
+    "bench_repeat": "measured repetitions",
+    "bench_warmup": "unrecorded warm-up repetitions",
+    "bench_target": "target profile for projections (rpi4, rpi5, phone; empty: none)",
+    "quality_tokens": "held-out tokens scored through the runtime per artifact (0: no quality)",
+    "sample_prompts": "prompts of the sample generations in the report",
+    "sample_tokens": "new tokens per sample generation",
+    "device": "auto, cpu or cuda (training and the teacher)",
+    "threads": "training and export threads (0: all)",
+    "full": "start from the larger budget (3000 steps of 16 sequences, all data, threads 1,2,4) instead of ~20 min",
+}
+
+
+def _pipeline_args(parser: argparse.ArgumentParser) -> None:
+    from edgedistill.pipeline import STAGES, PipelineConfig
+
+    parser.add_argument("--config", metavar="FILE", help="TOML file of settings (keys as the flags); flags win")
+    parser.add_argument(
+        "--stages", metavar="LIST", help=f"comma-separated subset of {','.join(STAGES)} (default: all but finished)"
+    )
+    _add_config_flags(parser, PipelineConfig, _PIPELINE_HELP)
+
+
+def _cmd_pipeline(args: argparse.Namespace) -> int:
+    from edgedistill.pipeline import PipelineConfig, run_pipeline
+
+    names = [f.name for f in dataclasses.fields(PipelineConfig)]
+    config = PipelineConfig.from_sources(args.config, {name: getattr(args, name) for name in names})
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()] if args.stages else None
+    started = time.perf_counter()
+    report = run_pipeline(config, stages)
+    print(f"pipeline finished in {time.perf_counter() - started:.0f} s; report: {report}")
+    return 0
+
+
+COMMANDS["pipeline"] = (
+    "teacher -> students with and without distillation -> GGUF/ONNX -> bench -> report.md (the main job)",
+    _pipeline_args,
+    _cmd_pipeline,
 )
 
 

@@ -85,6 +85,10 @@ def _unsupported(config: dict[str, Any]) -> str:
         return f"rope_scaling type {kind!r}"
     if float(config.get("partial_rotary_factor", 1.0)) != 1.0:
         return "partial rotary embedding"
+    heads = int(config.get("num_attention_heads") or 1)
+    head_dim = int(config.get("head_dim") or int(config.get("hidden_size", 0)) // heads)
+    if head_dim % 16:
+        return f"head size {head_dim} (onnxruntime's CPU GroupQueryAttention needs a multiple of 16)"
     return ""
 
 

@@ -1,0 +1,132 @@
+"""`edgedistill pipeline` end to end on a tiny in-process teacher: every stage's outputs and the report's tables."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from edgedistill.cli import main
+from edgedistill.errors import EdgeDistillError
+from edgedistill.pipeline import STAGES, PipelineConfig, run_pipeline
+
+
+def _shape(path, hidden, layers):
+    path.write_text(
+        json.dumps(
+            dict(
+                hidden_size=hidden,
+                num_hidden_layers=layers,
+                num_attention_heads=2,
+                num_key_value_heads=1,
+                intermediate_size=2 * hidden,
+            )
+        )
+    )
+    return str(path)
+
+
+def _config(tmp_path, tiny_teacher, text_data, **overrides) -> PipelineConfig:
+    values = dict(
+        out=str(tmp_path / "run"),
+        teacher=str(tiny_teacher),
+        data=[str(text_data)],
+        students=[_shape(tmp_path / "s32.json", 32, 2), _shape(tmp_path / "s16.json", 16, 1)],
+        steps=4,
+        batch_size=2,
+        seq_len=32,
+        train_tokens=0,
+        heldout_tokens=0,
+        top_k=8,
+        gguf_quants=["q8_0"],
+        onnx_quants=["int8"],
+        bench_threads=[1],
+        bench_prompt_tokens=8,
+        bench_gen_tokens=4,
+        bench_repeat=1,
+        bench_warmup=0,
+        quality_tokens=64,
+        sample_prompts=["def add(a, b):"],
+        sample_tokens=4,
+        threads=1,
+    )
+    values.update(overrides)
+    return PipelineConfig(**values)
+
+
+@pytest.mark.slow
+def test_pipeline_runs_every_stage_and_reports_the_seed_tables(tmp_path, tiny_teacher, text_data, capsys):
+    config = _config(tmp_path, tiny_teacher, text_data)
+    report = run_pipeline(config)
+    run = tmp_path / "run"
+    state = json.loads((run / "pipeline.json").read_text())
+    assert [s for s in STAGES if state["stages"][s]["status"] == "done"] == list(STAGES)
+    # teacher: the cache and the teacher's held-out perplexity
+    assert json.loads((run / "teacher" / "cache" / "manifest.json").read_text())["complete"]
+    teacher_eval = json.loads((run / "teacher" / "heldout_eval.json").read_text())
+    assert teacher_eval["perplexity"] > 1 and teacher_eval["parameters"] > 0
+    # distill: every student twice, same steps, alpha 0.5 and 1
+    for name in ("s32", "s16"):
+        for kind, alpha in (("kd", 0.5), ("ce", 1.0)):
+            summary = json.loads((run / "students" / f"{name}-{kind}" / "train_summary.json").read_text())
+            assert summary["config"]["alpha"] == alpha and summary["train"]["steps"] == 4
+    # export: teacher and distilled students, GGUF and ONNX, parity recorded
+    artifacts = state["stages"]["export"]["outputs"]["artifacts"]
+    assert {(a["label"], a["format"]) for a in artifacts} == {
+        (label, fmt) for label in ("teacher", "s32-kd", "s16-kd") for fmt in ("gguf", "onnx")
+    }
+    # bench: one row per artifact, with quality and a Pi 5 projection
+    bench = json.loads((run / "bench" / "bench.json").read_text())
+    assert len(bench["rows"]) == len(artifacts)
+    assert all(r["decode_tps"]["mean"] > 0 and "quality" in r for r in bench["rows"])
+    assert all(r["projection"]["target"] == "rpi5" for r in bench["rows"])
+    # report: the seed's three tables, claims, samples
+    text = report.read_text()
+    for heading in (
+        "## 1. Size and quality before and after distillation",
+        "## 2. Speed against the teacher",
+        "## 3. Memory and minimum hardware",
+        "## Claims of the seed document",
+        "## Sample generations",
+    ):
+        assert heading in text
+    quality_rows = [line for line in text.splitlines() if line.startswith("| s32 ") or line.startswith("| s16 ")]
+    assert len(quality_rows) >= 2
+    assert "projection" in text and any(v in text for v in ("confirmed", "refuted", "not measured"))
+    samples = json.loads((run / "samples.json").read_text())
+    assert set(samples["models"]) == {"teacher", "s32-kd", "s16-kd"}
+
+    # a rerun skips every finished stage; a changed bench setting redoes bench and report only
+    capsys.readouterr()
+    run_pipeline(config)
+    assert capsys.readouterr().err.count("skipped") == len(STAGES)
+    changed = _config(tmp_path, tiny_teacher, text_data, bench_gen_tokens=5)
+    run_pipeline(changed)
+    log = capsys.readouterr().err
+    assert "teacher: finished earlier" in log and "export: finished earlier" in log
+    assert "bench: settings changed" in log and "report: settings changed" in log
+
+
+def test_pipeline_config_file_flags_and_full(tmp_path):
+    config_file = tmp_path / "p.toml"
+    config_file.write_text('students = ["tiny"]\nsteps = 7\nbench_threads = [1, 2]\n')
+    config = PipelineConfig.from_sources(str(config_file), {"steps": 9, "full": None})
+    assert config.students == ["tiny"] and config.steps == 9 and config.bench_threads == [1, 2]
+    full = PipelineConfig.from_sources(str(config_file), {"full": True})
+    assert full.steps == 7 and full.batch_size == 16  # the file beats --full's budget; --full fills the rest
+    (tmp_path / "bad.toml").write_text('steps = "many"\n')
+    with pytest.raises(EdgeDistillError, match="bad.toml: steps: expected a int"):
+        PipelineConfig.from_sources(str(tmp_path / "bad.toml"), {})
+    (tmp_path / "unknown.toml").write_text("stepz = 3\n")
+    with pytest.raises(EdgeDistillError, match="unknown setting 'stepz'"):
+        PipelineConfig.from_sources(str(tmp_path / "unknown.toml"), {})
+    assert PipelineConfig.from_sources(None, {}).fingerprint("bench") != full.fingerprint("bench")
+
+
+def test_pipeline_bad_input_is_one_line_exit_2(tmp_path, capsys):
+    assert main(["pipeline", "--out", str(tmp_path / "r"), "--stages", "train"]) == 2
+    assert "unknown stage 'train'" in capsys.readouterr().err
+    assert main(["pipeline", "--out", str(tmp_path / "r"), "--alpha", "1.0"]) == 2
+    assert "alpha" in capsys.readouterr().err
+    assert main(["pipeline", "--out", str(tmp_path / "r2"), "--stages", "bench"]) == 2
+    assert "has not finished" in capsys.readouterr().err
