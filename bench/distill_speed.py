@@ -76,13 +76,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         batch_size=args.batch_size,
         seq_len=args.seq_len,
         teacher_dtype=args.teacher_dtype,
+        precision=args.precision,
         device="cpu",
     )
     device = torch.device("cpu")
     teacher = _llama(args.vocab, args.teacher_hidden, args.teacher_layers, args.heads, args.kv_heads, seed=1)
     teacher.to(resolve_dtype(config.teacher_dtype, device)).eval().requires_grad_(False)
     student = _llama(args.vocab, args.student_hidden, args.student_layers, args.heads, args.kv_heads, seed=2).train()
-    objective = DistillationObjective(student, config, chunked=not args.unchunked)
+    student_dtype = resolve_dtype(config.precision, device)
+    objective = DistillationObjective(student, config, chunked=not args.unchunked, dtype=student_dtype)
     teacher_head = SupervisedLogits(teacher) if args.alpha < 1 else None
     optimizer, scheduler = make_optimizer(student, config)
     release_free_memory()  # as the recipe does after loading: model construction garbage is not training memory
@@ -114,7 +116,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "hidden": args.student_hidden,
             "layers": args.student_layers,
             "parameters": sum(p.numel() for p in student.parameters()),
-            "dtype": "float32",
+            "dtype": "float32 weights, " + str(student_dtype).removeprefix("torch.") + " compute",
         },
         "vocab": args.vocab,
         "batch_size": args.batch_size,
@@ -151,6 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--loss", default="fkl")
     parser.add_argument("--teacher-dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    parser.add_argument(
+        "--precision", default="auto", choices=["auto", "float32", "bfloat16"], help="the student's compute type"
+    )
     parser.add_argument(
         "--unchunked",
         action="store_true",
