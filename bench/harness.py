@@ -444,6 +444,14 @@ def _row(
             }
         )
         row["projection"] = projection
+    if measured.get("llama_perf"):
+        # llama.cpp's own counters over the same repetitions: how far our measurement (Python loop, argmax and
+        # per-call overhead included) is from the library's pure compute time.
+        perf = dict(measured["llama_perf"])
+        for key in ("prefill_tps", "decode_tps"):
+            ours, theirs = measured[key]["mean"], perf.get(key)
+            perf[f"{key.removesuffix('_tps')}_ratio"] = ours / theirs if ours and theirs else None
+        row["llama_perf"] = perf
     if "quality" in measured:
         quality = dict(measured["quality"])
         quality.setdefault("agreement", None)

@@ -188,6 +188,29 @@ def environment_line(result: dict[str, Any]) -> str:
     )
 
 
+def _llama_perf_section(rows: list[dict[str, Any]]) -> str:
+    """Our GGUF rates beside llama.cpp's own counters (``llama_perf_context``) over the same repetitions."""
+    perf_rows = [r for r in rows if r.get("llama_perf")]
+    if not perf_rows:
+        return ""
+    return "\n### GGUF rates against llama.cpp's own timing (llama_perf_context)\n\n" + _table(
+        ["model", "threads", "prefill tok/s: ours", "llama.cpp", "ratio", "decode tok/s: ours", "llama.cpp", "ratio"],
+        [
+            [
+                r["label"],
+                str(r["threads"]),
+                _num(r["prefill_tps"]["mean"]),
+                _num(r["llama_perf"].get("prefill_tps")),
+                _num(r["llama_perf"].get("prefill_ratio"), 3),
+                _num(r["decode_tps"]["mean"]),
+                _num(r["llama_perf"].get("decode_tps")),
+                _num(r["llama_perf"].get("decode_ratio"), 3),
+            ]
+            for r in perf_rows
+        ],
+    )
+
+
 def markdown_tables(result: dict[str, Any]) -> str:
     """The body of bench.md: environment, speed, memory, roofline, projection, quality, claims, definitions, notes.
 
@@ -263,6 +286,7 @@ def markdown_tables(result: dict[str, Any]) -> str:
                 for r in rows
             ],
         ),
+        _llama_perf_section(rows),
         "\n### Roofline (decode bound = measured bandwidth / bytes read per token)\n\n"
         + _table(
             [

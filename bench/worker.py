@@ -155,6 +155,27 @@ def _quality(model: Any, spec: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _llama_perf(model: Any, reset: bool = False) -> dict[str, Any] | None:
+    """llama.cpp's own timing of the measured repetitions (``llama_perf_context``): prompt batches and single-token
+    decodes as its context counted them, without Python, sampling or our loop. None where the binding lacks it."""
+    llama_cpp = getattr(model, "_llama_cpp", None)
+    context = getattr(model, "_ctx", None)
+    if llama_cpp is None or context is None or not hasattr(llama_cpp, "llama_perf_context"):
+        return None
+    if reset:
+        llama_cpp.llama_perf_context_reset(context)
+        return None
+    data = llama_cpp.llama_perf_context(context)
+    return {
+        "prompt_tokens": int(data.n_p_eval),
+        "prompt_ms": float(data.t_p_eval_ms),
+        "decode_tokens": int(data.n_eval),
+        "decode_ms": float(data.t_eval_ms),
+        "prefill_tps": data.n_p_eval / data.t_p_eval_ms * 1e3 if data.t_p_eval_ms > 0 else None,
+        "decode_tps": data.n_eval / data.t_eval_ms * 1e3 if data.t_eval_ms > 0 else None,
+    }
+
+
 def run(spec: dict[str, Any]) -> dict[str, Any]:
     from edgedistill.bench.rss import RssSampler, kernel_peak_rss
     from edgedistill.bench.stats import summarize_runs
@@ -177,6 +198,8 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     total = spec["warmup"] + spec["repeat"]
     for index in range(total):
         measured = index >= spec["warmup"]
+        if index == spec["warmup"] and kind == "gguf":
+            _llama_perf(model, reset=True)
         result = _repetition(model, ids, spec["gen_tokens"])
         sampler.sample_now()
         if measured:
@@ -191,6 +214,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
             }
         )
     sampler.stop()
+    llama_perf = _llama_perf(model) if kind == "gguf" else None
     kernel_peak = kernel_peak_rss()
     info = model.info.to_dict()
     out: dict[str, Any] = {
@@ -218,6 +242,8 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
             for r in runs
         ],
     }
+    if llama_perf:
+        out["llama_perf"] = llama_perf
     if spec.get("quality"):
         emit({"event": "quality"})
         out["quality"] = _quality(model, spec)

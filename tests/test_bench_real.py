@@ -75,6 +75,9 @@ def test_short_real_bench_of_tiny_gguf_onnx_and_checkpoint(tmp_path):
     ppl = [rows[k]["quality"]["perplexity"] for k in rows]
     assert max(ppl) / min(ppl) < 1.01, ppl
     assert rows["teacher"]["load_mode"].startswith("mmap")
+    perf = rows["teacher"]["llama_perf"]  # llama.cpp's own counters over the measured repetitions
+    assert perf["decode_tokens"] == 2 * 8 and perf["prompt_tokens"] == 2 * 16 and perf["decode_tps"] > 0
+    assert 0 < perf["decode_ratio"] <= 1.05 and "llama_perf" not in rows["onnx"]
     assert result["environment"]["bandwidth_gbs"]["1"] > 0
     claims = {c["claim"]: c["verdict"] for c in result["claims"]}
     assert claims["speed-up 1/8"] == "not measured"  # every model here is the teacher's size
