@@ -301,15 +301,23 @@ def write_report(config: Any, layout: Any, outputs: dict[str, Any], samples: dic
         "",
         memory,
         "",
-        "## Claims of the seed document",
-        "",
     ]
+    lines += _hardware_lines(bench)
+    lines += ["", "## Claims of the seed document", ""]
+    lines += _verdict_lines(claims, bench)
+    lines += [""]
     if claims:
         lines.append(
             _table(
                 ["claim", "seed", "measured", "verdict", "how"],
                 [
-                    [c["claim"], str(c["seed"]), _claim_value(c["measured"]), f"**{c['verdict']}**", c.get("note", "")]
+                    [
+                        c["claim"],
+                        str(c["seed"]),
+                        _claim_value(c["measured"], c["claim"]),
+                        f"**{c['verdict']}**",
+                        c.get("note", ""),
+                    ]
                     for c in claims
                 ],
             )
@@ -332,16 +340,94 @@ def write_report(config: Any, layout: Any, outputs: dict[str, Any], samples: dic
     stage_rows = [
         [name, record.get("status", "—"), _fmt(record.get("seconds"), 0, " s")]
         for name, record in state.get("stages", {}).items()
+        if name != "report"
     ]
+    total = sum(record.get("seconds") or 0 for name, record in state.get("stages", {}).items() if name != "report")
+    stage_rows.append(["report", "writing this file", "—"])
     lines.append(_table(["stage", "status", "wall time"], stage_rows))
+    lines += ["", f"Stages before the report: {_fmt(total / 60, 1)} minutes of wall time on this host."]
     atomic_write_text(layout.report, "\n".join(lines) + "\n")
     return layout.report
 
 
-def _claim_value(value: Any) -> str:
-    if isinstance(value, float):
+def _hardware_lines(bench: dict[str, Any]) -> list[str]:
+    """What the measured memory and speed say about the seed's "minimum hardware" column."""
+    rows = [r for r in bench.get("rows", []) if r.get("peak_rss_mb")]
+    if not rows:
+        return []
+    lines = []
+    teacher_rows = [r for r in rows if _is_teacher(r)]
+    if teacher_rows:
+        fastest = max(teacher_rows, key=lambda r: _mean(r["decode_tps"]) or 0)
+        leanest = min(teacher_rows, key=lambda r: r["peak_rss_mb"])
+        projection = fastest.get("projection") or {}
+        lines.append(
+            f'- The seed lists "GPU / high-end CPU" as the teacher\'s minimum hardware. Here the '
+            f"{fastest['parameters'] / 1e6:.0f}M-parameter teacher decodes {_mean(fastest['decode_tps']):.0f} "
+            f"tokens/s on {fastest['threads']} CPU threads of this host ({fastest['format']} "
+            f"{fastest['quantization']}) and needs {leanest['peak_rss_mb']:.0f} MB at peak "
+            f"({leanest['format']} {leanest['quantization']})"
+            + (
+                f"; **projection** for {projection['target']}: {projection['decode_tps']:.0f} tokens/s"
+                if projection
+                else ""
+            )
+            + ". At this size no GPU is needed: that part of the seed's table is **refuted** for this teacher."
+        )
+    onnx = [r for r in rows if r["format"] == "onnx"]
+    gguf = [r for r in rows if r["format"] == "gguf"]
+    if onnx and gguf:
+        ratio = max(r["peak_rss_mb"] / r["file_bytes"] * 1e6 for r in onnx)
+        lines.append(
+            f"- ONNX artifacts peak at up to {ratio:.1f}x their file size (onnxruntime holds the weights in its own "
+            "memory, and the runtime rewrites the graph at load time); GGUF files are memory-mapped and peak "
+            "near their file size. On a 1-2 GB board, prefer GGUF."
+        )
+    return lines
+
+
+def _verdict_lines(claims: list[dict[str, Any]], bench: dict[str, Any]) -> list[str]:
+    """One plain sentence per claim: where it holds and where our numbers refute it."""
+    lines = []
+    cached = {r["label"] for r in bench.get("rows", []) if r.get("fits_in_host_cache")}
+    for name in dict.fromkeys(c["claim"] for c in claims):
+        group = [c for c in claims if c["claim"] == name]
+        parts = []
+        for verdict in ("confirmed", "refuted", "not measured"):
+            hits = [c for c in group if c["verdict"] == verdict]
+            if not hits:
+                continue
+            if verdict == "not measured":
+                parts.append("not measured (no model of that size)")
+                continue
+            which = ", ".join(
+                f"{c.get('model', '?')} ({_claim_value(c['measured'], name)}"
+                + (", in host cache: inflated" if name.startswith("speed") and c.get("model") in cached else "")
+                + ")"
+                for c in hits
+            )
+            parts.append(f"**{verdict}** for {which}")
+        lines.append(f"- {name} — {group[0]['seed']}: " + "; ".join(parts) + ".")
+    if any(c["claim"].startswith("retention") and c["verdict"] == "refuted" for c in claims):
+        lines.append(
+            "- Retention is measured on students trained with this run's budget (section 1): a refutation says "
+            "that *these* students keep that little of the teacher's quality, not what a longer run would reach."
+        )
+    return lines
+
+
+def _claim_value(value: Any, claim: str = "") -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, (int, float)):
+        if claim.startswith("speed-up"):
+            return f"{value:.2f}x"
+        if claim.startswith("memory"):
+            return f"{value:.0f} MB"
+        if claim.startswith("retention"):
+            return f"{100 * value:.1f} %"
         return f"{value:.3g}"
-    return "—" if value is None else str(value)
+    return str(value)
 
 
 def _quality_verdicts(records: list[dict[str, Any]]) -> list[str]:
