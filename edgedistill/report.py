@@ -303,6 +303,8 @@ def write_report(config: Any, layout: Any, outputs: dict[str, Any], samples: dic
         "",
     ]
     lines += _hardware_lines(bench)
+    lines += ["", "## Exported artifacts and their parity with PyTorch", ""]
+    lines += _artifact_lines(outputs.get("export", {}).get("artifacts", []))
     lines += ["", "## Claims of the seed document", ""]
     lines += _verdict_lines(claims, bench)
     lines += [""]
@@ -384,6 +386,26 @@ def _hardware_lines(bench: dict[str, Any]) -> list[str]:
             "near their file size. On a 1-2 GB board, prefer GGUF."
         )
     return lines
+
+
+def _artifact_lines(artifacts: list[dict[str, Any]]) -> list[str]:
+    """Every exported file with its parity figures; a file that failed is named (and was not benchmarked)."""
+    if not artifacts:
+        return ["(the export stage has not run)"]
+    rows = [
+        [
+            a["label"],
+            f"{a['format']} {a['quantization']}",
+            _fmt(a["bytes"] / 1e6, 1),
+            _fmt(a["parity"].get("max_logit_diff"), 3),
+            _pct(a["parity"].get("top1_agreement")),
+            "yes" if a["parity"].get("greedy_equal") else "no",
+            "passed" if a["passed"] else "**failed** (not benchmarked)",
+        ]
+        for a in artifacts
+    ]
+    headers = ["model", "artifact", "MB", "max logit difference", "top-1 agreement", "greedy text equal", "parity"]
+    return [_table(headers, rows)]
 
 
 def _verdict_lines(claims: list[dict[str, Any]], bench: dict[str, Any]) -> list[str]:
