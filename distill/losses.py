@@ -320,8 +320,8 @@ def _fused_sparse_chunk(
 class _ChunkedDistillation(torch.autograd.Function):
     """Loss and its gradients computed chunk by chunk in the forward pass (the idea of Liger Kernel's fused
     linear losses): no [N, V] logits, probabilities or gradients of the whole batch ever exist at once, only those
-    of one chunk. The per-chunk math is :func:`distillation_loss` (or :func:`sparse_distillation_loss`),
-    differentiated by autograd."""
+    of one chunk. The per-chunk math is :func:`distillation_loss` differentiated by autograd, or, for CE alone and
+    a cached top-K teacher, :func:`_fused_sparse_chunk`'s closed form of :func:`sparse_distillation_loss`."""
 
     @staticmethod
     def forward(
