@@ -571,10 +571,31 @@ def _include_usage(body: Mapping[str, Any]) -> bool:
 
 
 def serve_forever(server: ModelServer) -> None:
-    """Serve until interrupted (Ctrl-C), then close the socket."""
+    """Serve until Ctrl-C (SIGINT) or SIGTERM, then close the socket.
+
+    In the main thread the two signals are handled, not left to raise KeyboardInterrupt: an exception raised at an
+    arbitrary point of the accept loop (inside a lock, or while a handler thread starts) could leave the process
+    unable to exit. The handler asks the loop to stop from a helper thread (``shutdown`` waits for the loop), and
+    the loop notices within its poll interval.
+    """
+    import signal
+
+    stopping = threading.Event()
+
+    def stop(signum: int, frame: Any) -> None:
+        if not stopping.is_set():
+            stopping.set()
+            threading.Thread(target=server.shutdown, name="edgedistill-shutdown", daemon=True).start()
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for number in (signal.SIGINT, signal.SIGTERM):
+            previous[number] = signal.signal(number, stop)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
         pass
     finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
         server.server_close()

@@ -97,7 +97,8 @@ def test_chat_in_a_child_process(exports):
     assert len(result.stdout.splitlines()) == 1
 
 
-def test_serve_answers_and_stops_on_ctrl_c(exports):
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
+def test_serve_answers_and_stops_on_ctrl_c(exports, stop):
     process = cli_popen("serve", str(exports.gguf), "--port", "0", "--threads", "1", "--model-id", "tiny")
     try:
         banner = process.stdout.readline()
@@ -113,7 +114,7 @@ def test_serve_answers_and_stops_on_ctrl_c(exports):
             text = json.load(response)["choices"][0]["text"]
         with load(exports.gguf, threads=1) as model:
             assert text == model.generate(PROMPT, max_tokens=6)
-        process.send_signal(signal.SIGINT)
+        process.send_signal(stop)
         assert process.wait(timeout=30) == 0
     finally:
         if process.poll() is None:
