@@ -157,7 +157,8 @@ def _mb(count: Any) -> str:
     return f"{count / 1e6:.1f}" if count else "-"
 
 
-def _table(headers: list[str], rows: list[list[str]]) -> str:
+def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
+    """A Markdown table (ending with a newline)."""
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     lines += ["| " + " | ".join(cells) + " |" for cells in rows]
     return "\n".join(lines) + "\n"
@@ -193,7 +194,7 @@ def _llama_perf_section(rows: list[dict[str, Any]]) -> str:
     perf_rows = [r for r in rows if r.get("llama_perf")]
     if not perf_rows:
         return ""
-    return "\n### GGUF rates against llama.cpp's own timing (llama_perf_context)\n\n" + _table(
+    return "\n### GGUF rates against llama.cpp's own timing (llama_perf_context)\n\n" + markdown_table(
         ["model", "threads", "prefill tok/s: ours", "llama.cpp", "ratio", "decode tok/s: ours", "llama.cpp", "ratio"],
         [
             [
@@ -225,7 +226,7 @@ def markdown_tables(result: dict[str, Any]) -> str:
         f"\n### Speed (measured on {where})\n\n"
         f"Prompt {config.get('prompt_tokens')} tokens, {config.get('gen_tokens')} generated; mean ± stddev over "
         f"{config.get('repeat')} repetitions after {config.get('warmup')} warm-up.\n\n"
-        + _table(
+        + markdown_table(
             [
                 "model",
                 "backend",
@@ -259,7 +260,7 @@ def markdown_tables(result: dict[str, Any]) -> str:
             ],
         ),
         f"\n### Memory (measured on {where})\n\n"
-        + _table(
+        + markdown_table(
             [
                 "model",
                 "threads",
@@ -288,7 +289,7 @@ def markdown_tables(result: dict[str, Any]) -> str:
         ),
         _llama_perf_section(rows),
         "\n### Roofline (decode bound = measured bandwidth / bytes read per token)\n\n"
-        + _table(
+        + markdown_table(
             [
                 "model",
                 "threads",
@@ -322,7 +323,7 @@ def markdown_tables(result: dict[str, Any]) -> str:
             f"\n### Projection onto {target['name']} ({target['description']}) - projection, not a measurement\n\n"
             f"projected decode tok/s = host efficiency (host decode / host bound, capped at 1) × "
             f"{target['name']} bandwidth / bytes per token. {target.get('notes', '')}\n\n"
-            + _table(
+            + markdown_table(
                 [
                     "model",
                     "threads",
@@ -358,7 +359,7 @@ def markdown_tables(result: dict[str, Any]) -> str:
     if quality:
         parts.append(
             "\n### Quality (held-out data, through the runtime's logits)\n\n"
-            + _table(
+            + markdown_table(
                 [
                     "model",
                     "perplexity",
@@ -398,7 +399,8 @@ def _pct(value: Any) -> str:
     return f"{value:.1%}" if abs(value) >= 0.01 or value == 0 else f"{value:.2%}"
 
 
-def _claim_value(claim: dict[str, Any]) -> str:
+def claim_value(claim: dict[str, Any]) -> str:
+    """A claim's measured value with its unit (x, MB, %), or "-" when not measured."""
     value = claim.get("measured")
     if value is None:
         return "-"
@@ -410,10 +412,10 @@ def _claim_value(claim: dict[str, Any]) -> str:
 
 
 def claims_table(result: dict[str, Any]) -> str:
-    return _table(
+    return markdown_table(
         ["claim", "model", "seed says", "measured", "verdict", "how"],
         [
-            [c["claim"], c.get("model", "-"), c["seed"], _claim_value(c), f"**{c['verdict']}**", c["note"]]
+            [c["claim"], c.get("model", "-"), c["seed"], claim_value(c), f"**{c['verdict']}**", c["note"]]
             for c in result.get("claims") or []
         ],
     )
@@ -489,7 +491,7 @@ def text_table(result: dict[str, Any]) -> str:
         lines.append(
             _align(
                 ["claim", "model", "measured", "verdict"],
-                [[c["claim"], c.get("model", "-"), _claim_value(c), c["verdict"].upper()] for c in result["claims"]],
+                [[c["claim"], c.get("model", "-"), claim_value(c), c["verdict"].upper()] for c in result["claims"]],
             )
         )
     return "\n".join(lines) + "\n"

@@ -319,7 +319,7 @@ def make_cache(config: Any, progress: bool = True, on_shard: Callable[[str], Non
 
     from edgedistill.distill import teacher as teachers
     from edgedistill.distill.data import load_data
-    from edgedistill.distill.heads import resolve_dtype
+    from edgedistill.distill.heads import resolve_device, resolve_dtype
 
     out = Path(config.out)
     try:
@@ -373,11 +373,7 @@ def make_cache(config: Any, progress: bool = True, on_shard: Callable[[str], Non
     if config.backend == "llama.cpp":
         topk = llama_cpp_topk(source.path, config.top_k, vocab, config.seq_len, config.threads)
     else:
-        device = torch.device(
-            "cuda"
-            if config.device == "auto" and torch.cuda.is_available()
-            else ("cpu" if config.device == "auto" else config.device)
-        )
+        device = resolve_device(config.device)
         model = teachers.load_model(source, resolve_dtype(config.teacher_dtype, device), device)
         topk = torch_topk(model, config.top_k, vocab)
     return build_cache(out, manifest, {"train": train, "heldout": heldout}, topk, config.batch_size, progress, on_shard)

@@ -160,24 +160,33 @@ class FlagConfig:
 
     @classmethod
     def from_sources(cls, config_file: str | None, overrides: dict[str, Any]) -> Any:
-        """Defaults, then the config file's keys, then explicit flags; unknown keys in the file are errors."""
-        values: dict[str, Any] = {}
+        """Defaults, then :meth:`preset` values, then the config file's keys, then explicit flags; unknown keys in
+        the file are errors, and a wrongly typed value from the file is reported with the file's name."""
+        from_file: dict[str, Any] = {}
         if config_file:
             names = {f.name for f in dataclasses.fields(cls)}
             for key, value in load_mapping(config_file).items():
                 name = key.replace("-", "_")
                 if name not in names:
                     raise EdgeDistillError(f"{config_file}: unknown setting '{key}'")
-                values[name] = value
-        values.update({k: v for k, v in overrides.items() if v is not None})
+                from_file[name] = value
+        flags = {k: v for k, v in overrides.items() if v is not None}
+        chosen = {**from_file, **flags}
+        values = {**cls.preset(chosen), **chosen}
         types = {f.name: f.type for f in dataclasses.fields(cls)}
         for name, value in values.items():
             expected = types[name]
             if expected == "float" and isinstance(value, int) and not isinstance(value, bool):
                 values[name] = float(value)
             elif expected in ("int", "float", "str", "bool") and type(value).__name__ != expected:
-                raise EdgeDistillError(f"{name}: expected a {expected}, got {value!r}")
+                where = f"{config_file}: " if name in from_file and name not in flags else ""
+                raise EdgeDistillError(f"{where}{name}: expected a {expected}, got {value!r}")
         return cls(**values)
+
+    @classmethod
+    def preset(cls, chosen: dict[str, Any]) -> dict[str, Any]:
+        """Values that replace the defaults given what the file and flags chose (none here)."""
+        return {}
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -50,17 +50,15 @@ class _Distributed:
     def __init__(self, requested_device: str) -> None:
         import torch
 
+        from edgedistill.distill.heads import resolve_device
+
         self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        device = requested_device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise EdgeDistillError(f"device: '{requested_device}' was asked for but no CUDA device is available")
-        if device == "cuda" and self.world_size > 1:
-            device = f"cuda:{local_rank}"
-        self.device = torch.device(device)
+        device = resolve_device(requested_device)
+        if device.type == "cuda" and device.index is None and self.world_size > 1:
+            device = torch.device(f"cuda:{local_rank}")
+        self.device = device
         if self.world_size > 1:
             import torch.distributed as dist
 

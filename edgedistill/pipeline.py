@@ -25,7 +25,6 @@ its last shard). ``--stages`` runs a subset.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import shutil
@@ -35,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edgedistill.distill.config import FlagConfig
 from edgedistill.errors import EdgeDistillError
 
 STAGES = ("teacher", "distill", "export", "bench", "report")
@@ -78,7 +78,7 @@ FULL_BUDGET: dict[str, Any] = {
 
 
 @dataclass
-class PipelineConfig:
+class PipelineConfig(FlagConfig):
     """Every choice of a pipeline run. Each field is a flag (``--field-name``) and a key of the TOML config file.
 
     The default budget is sized so that the whole run takes under 20 minutes on a 2-core CPU (README): 80 steps
@@ -146,32 +146,9 @@ class PipelineConfig:
             raise EdgeDistillError("gguf_quants, onnx_quants: expected at least one quantization to export")
 
     @classmethod
-    def from_sources(cls, config_file: str | None, overrides: dict[str, Any]) -> PipelineConfig:
-        """Defaults, then :data:`FULL_BUDGET` when ``full`` is set, then the config file, then explicit flags."""
-        from edgedistill.distill.config import load_mapping
-
-        names = {f.name: f.type for f in dataclasses.fields(cls)}
-        from_file: dict[str, Any] = {}
-        if config_file:
-            for key, value in load_mapping(config_file).items():
-                name = key.replace("-", "_")
-                if name not in names:
-                    raise EdgeDistillError(f"{config_file}: unknown setting '{key}'")
-                from_file[name] = value
-        flags = {k: v for k, v in overrides.items() if v is not None}
-        full = flags.get("full", from_file.get("full", False))
-        values = {**(FULL_BUDGET if full else {}), **from_file, **flags}
-        for name, value in values.items():
-            expected = names[name]
-            if expected == "float" and isinstance(value, int) and not isinstance(value, bool):
-                values[name] = float(value)
-            elif expected in ("int", "float", "str", "bool") and type(value).__name__ != expected:
-                where = f"{config_file}: " if name in from_file and name not in flags else ""
-                raise EdgeDistillError(f"{where}{name}: expected a {expected}, got {value!r}")
-        return cls(**values)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+    def preset(cls, chosen: dict[str, Any]) -> dict[str, Any]:
+        """``full``: :data:`FULL_BUDGET` replaces the defaults (the config file and flags still win)."""
+        return FULL_BUDGET if chosen.get("full") else {}
 
     def to_toml(self) -> str:
         """The resolved settings as a TOML file that reproduces this run (``--config``)."""
@@ -244,7 +221,7 @@ def stage_teacher(config: PipelineConfig, layout: Layout) -> dict[str, Any]:
     from edgedistill.distill import teacher as teachers
     from edgedistill.distill.config import CacheConfig
     from edgedistill.distill.data import load_data
-    from edgedistill.distill.heads import release_free_memory, resolve_dtype
+    from edgedistill.distill.heads import release_free_memory, resolve_device, resolve_dtype
     from edgedistill.distill.train import evaluate
 
     outputs: dict[str, Any] = {}
@@ -282,10 +259,7 @@ def stage_teacher(config: PipelineConfig, layout: Layout) -> dict[str, Any]:
     from edgedistill.distill.files import atomic_write_text
 
     atomic_write_text(layout.heldout_text, "\n".join(lines) + "\n")
-    if config.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(config.device)
+    device = resolve_device(config.device)
     started = time.perf_counter()
     model = teachers.load_model(source, resolve_dtype("auto", device), str(device))
     parameters = sum(p.numel() for p in model.parameters())  # tied embeddings once

@@ -14,6 +14,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from edgedistill.bench.report import claim_value, markdown_table
+from edgedistill.pipeline import student_label
+
 # The seed document's tables (MiniMind: a 104M teacher; students 26M, 13M, 6.5M).
 SEED_RETENTION = {4: "100 % (its baseline)", 8: "85 %", 16: "70 %"}
 SEED_SPEEDUP = {4: "3.5x", 8: "6x"}
@@ -73,12 +76,6 @@ def _pct(value: Any) -> str:
     return "—" if value is None else f"{100 * value:.1f} %"
 
 
-def _table(headers: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 def _mean(stat: Any) -> float | None:
     if isinstance(stat, dict):
         return stat.get("mean")
@@ -119,7 +116,7 @@ def quality_table(config: Any, layout: Any, teacher_eval: dict[str, Any]) -> tup
         if not after or not before:
             continue
         params = after["student"]["parameters"]
-        name = layout.student(student, True).name.removesuffix("-kd")
+        name = student_label(student)
         ppl_after, ppl_before = after["heldout"]["perplexity"], before["heldout"]["perplexity"]
         record = {
             "student": name,
@@ -158,12 +155,12 @@ def quality_table(config: Any, layout: Any, teacher_eval: dict[str, Any]) -> tup
         "top-1 agreement with teacher (before → after)",
         "seed's retention",
     ]
-    return _table(headers, rows), records
+    return markdown_table(headers, rows), records
 
 
-def speed_table(bench: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
+def speed_table(bench: dict[str, Any]) -> str:
     """Seed table 2: decode speed and speed-up against the teacher's artifact of the same format and threads."""
-    rows_out, records = [], []
+    rows_out = []
     bench_rows = bench.get("rows", [])
     teacher = {(r["format"], r["quantization"], r["threads"]): r for r in bench_rows if _is_teacher(r)}
     teacher_params = next((r["parameters"] for r in teacher.values()), 0)
@@ -174,7 +171,6 @@ def speed_table(bench: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
         speedup = decode / _mean(base["decode_tps"]) if base and row is not base and decode else None
         projection = row.get("projection") or {}
         klass = size_class(teacher_params, row["parameters"])
-        records.append({"label": row["label"], "speedup": speedup, "size_class": klass})
         rows_out.append(
             [
                 name,
@@ -204,7 +200,7 @@ def speed_table(bench: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
         f"decode tokens/s on {target or 'a target'}: **projection**",
         "seed's speed-up",
     ]
-    return _table(headers, rows_out), records
+    return markdown_table(headers, rows_out)
 
 
 def memory_table(bench: dict[str, Any]) -> str:
@@ -242,7 +238,7 @@ def memory_table(bench: dict[str, Any]) -> str:
         "peak RSS MB above the pre-load baseline",
         "seed's memory and minimum hardware",
     ]
-    return _table(headers, rows)
+    return markdown_table(headers, rows)
 
 
 def write_report(config: Any, layout: Any, outputs: dict[str, Any], samples: dict[str, Any]) -> Path:
@@ -255,7 +251,7 @@ def write_report(config: Any, layout: Any, outputs: dict[str, Any], samples: dic
     bench = _read(layout.bench / "bench.json")
     state = _read(layout.manifest)
     quality, quality_records = quality_table(config, layout, teacher_eval)
-    speed, _ = speed_table(bench) if bench else ("(the bench stage has not run)", [])
+    speed = speed_table(bench) if bench else "(the bench stage has not run)"
     memory = memory_table(bench) if bench else "(the bench stage has not run)"
     claims = check_claims(bench) if bench else []
     env = bench.get("environment", {})
@@ -310,13 +306,13 @@ def write_report(config: Any, layout: Any, outputs: dict[str, Any], samples: dic
     lines += [""]
     if claims:
         lines.append(
-            _table(
+            markdown_table(
                 ["claim", "seed", "measured", "verdict", "how"],
                 [
                     [
                         c["claim"],
                         str(c["seed"]),
-                        _claim_value(c["measured"], c["claim"]),
+                        claim_value(c),
                         f"**{c['verdict']}**",
                         c.get("note", ""),
                     ]
@@ -346,7 +342,7 @@ def write_report(config: Any, layout: Any, outputs: dict[str, Any], samples: dic
     ]
     total = sum(record.get("seconds") or 0 for name, record in state.get("stages", {}).items() if name != "report")
     stage_rows.append(["report", "writing this file", "—"])
-    lines.append(_table(["stage", "status", "wall time"], stage_rows))
+    lines.append(markdown_table(["stage", "status", "wall time"], stage_rows))
     lines += ["", f"Stages before the report: {_fmt(total / 60, 1)} minutes of wall time on this host."]
     atomic_write_text(layout.report, "\n".join(lines) + "\n")
     return layout.report
@@ -405,7 +401,7 @@ def _artifact_lines(artifacts: list[dict[str, Any]]) -> list[str]:
         for a in artifacts
     ]
     headers = ["model", "artifact", "MB", "max logit difference", "top-1 agreement", "greedy text equal", "parity"]
-    return [_table(headers, rows)]
+    return [markdown_table(headers, rows)]
 
 
 def _verdict_lines(claims: list[dict[str, Any]], bench: dict[str, Any]) -> list[str]:
@@ -423,7 +419,7 @@ def _verdict_lines(claims: list[dict[str, Any]], bench: dict[str, Any]) -> list[
                 parts.append("not measured (no model of that size)")
                 continue
             which = ", ".join(
-                f"{c.get('model', '?')} ({_claim_value(c['measured'], name)}"
+                f"{c.get('model', '?')} ({claim_value(c)}"
                 + (", in host cache: inflated" if name.startswith("speed") and c.get("model") in cached else "")
                 + ")"
                 for c in hits
@@ -436,20 +432,6 @@ def _verdict_lines(claims: list[dict[str, Any]], bench: dict[str, Any]) -> list[
             "that *these* students keep that little of the teacher's quality, not what a longer run would reach."
         )
     return lines
-
-
-def _claim_value(value: Any, claim: str = "") -> str:
-    if value is None:
-        return "—"
-    if isinstance(value, (int, float)):
-        if claim.startswith("speed-up"):
-            return f"{value:.2f}x"
-        if claim.startswith("memory"):
-            return f"{value:.0f} MB"
-        if claim.startswith("retention"):
-            return f"{100 * value:.1f} %"
-        return f"{value:.3g}"
-    return str(value)
 
 
 def _quality_verdicts(records: list[dict[str, Any]]) -> list[str]:
