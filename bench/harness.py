@@ -35,6 +35,8 @@ from edgedistill.bench.quality import DEFINITIONS as QUALITY_DEFINITIONS
 from edgedistill.bench.quality import read_texts, retention
 from edgedistill.bench.targets import PROJECTION_LABEL, TargetProfile, load_target, project_decode_tps
 from edgedistill.errors import EdgeDistillError
+from edgedistill.files import claim
+from edgedistill.isolate import describe_exit
 
 SCHEMA = "edgedistill.bench"
 SCHEMA_VERSION = 1
@@ -309,7 +311,8 @@ def run_bench(config: BenchConfig, progress: bool = True) -> dict[str, Any]:
 
         result["claims"] = check_claims(result)
     result = clean(result)
-    write_reports(result, config.out)
+    with claim(Path(config.out), "--out"):  # also sweeps the temporary reports of a bench killed while writing
+        write_reports(result, config.out)
     return result
 
 
@@ -366,7 +369,9 @@ def _run_worker(spec: dict[str, Any], scratch: Path, bar: Any) -> dict[str, Any]
     where = f"{spec['label']} ({spec['path']}, {spec['threads']} threads)"
     if not result_file.is_file():
         tail = stderr_file.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-5:]
-        raise EdgeDistillError(f"bench of {where}: the measuring process died (exit {code}): {' | '.join(tail)}")
+        raise EdgeDistillError(
+            f"bench of {where}: the measuring process died ({describe_exit(code)}): {' | '.join(tail) or 'no output'}"
+        )
     result = json.loads(result_file.read_text(encoding="utf-8"))
     if "error" in result:
         raise EdgeDistillError(f"bench of {where}: {result['error']}")

@@ -10,10 +10,10 @@ import csv
 import io
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from edgedistill.files import atomic_write_bytes
 
 # bench.csv columns, in order: (header, function of a row).
 CSV_COLUMNS: list[tuple[str, Any]] = [
@@ -71,25 +71,10 @@ def clean(value: Any) -> Any:
     return value
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write through a temporary file in the same directory and a rename: never a half-written report."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as out:
-            out.write(data)
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_reports(result: dict[str, Any], out: Path) -> dict[str, Path]:
     """Write bench.json, bench.csv, bench.md and the plots (when matplotlib is installed) into ``out``."""
     out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     written = {
         "json": out / "bench.json",
         "csv": out / "bench.csv",

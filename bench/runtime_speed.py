@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -70,6 +71,14 @@ def _ours(model: Any, prompt_ids: list[int]) -> Callable[[int], int]:
 def _llama_cpp_baseline(model: Any, prompt_ids: list[int]) -> tuple[Callable[[int], int], Any]:
     import llama_cpp
 
+    from edgedistill.errors import EdgeDistillError
+
+    if not model.llama.extra_buffers:
+        # llama_cpp.Llama always loads with extra buffers, which crash on this CPU (edgedistill/llamacpp.py).
+        raise EdgeDistillError(
+            f"{model.info.path}: llama-cpp-python's Llama cannot turn off the AMX/repack weight buffers that crash "
+            "on this CPU, so its own loop cannot be measured here"
+        )
     llama = llama_cpp.Llama(**model.llama_kwargs)
 
     def run(tokens: int) -> int:
@@ -184,7 +193,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.tokens < 2 or args.repeats < 1 or args.threads < 1:
         parser.error("--tokens must be >= 2, --repeats and --threads >= 1")
     load_before = _load_average()
-    results = [measure(path, args.threads, args.tokens, args.repeats, args.prompt) for path in args.models]
+    from edgedistill.errors import EdgeDistillError
+
+    try:
+        results = [measure(path, args.threads, args.tokens, args.repeats, args.prompt) for path in args.models]
+    except EdgeDistillError as err:
+        print(f"runtime_speed: error: {err}", file=sys.stderr)
+        return 2
     load_after = _load_average()
     print_table(results, args.threads)
     print(f"load average before {load_before}, after {load_after} ({os.cpu_count()} CPUs)")

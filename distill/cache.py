@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -32,8 +31,8 @@ import numpy as np
 
 from edgedistill import __version__
 from edgedistill.distill.data import PackedData
-from edgedistill.distill.files import atomic_write_text, publish
 from edgedistill.errors import EdgeDistillError
+from edgedistill.files import atomic_open, atomic_write_text, claim
 
 MANIFEST = "manifest.json"
 SCHEMA = 1
@@ -145,29 +144,18 @@ def _topk_torch(logits: Any, top_k: int) -> tuple[np.ndarray, np.ndarray, np.nda
 
 def llama_cpp_topk(gguf_path: Path, top_k: int, vocab_size: int, seq_len: int, threads: int) -> TopK:
     """Top-K from llama.cpp: the GGUF runs in its own quantization, nothing is dequantized into PyTorch."""
-    from edgedistill._deps import require
+    from edgedistill.llamacpp import LlamaCpp
 
-    llama_cpp = require("llama_cpp")
-    model = llama_cpp.Llama(
-        model_path=str(gguf_path),
-        n_ctx=seq_len,
-        n_batch=seq_len,
-        n_ubatch=seq_len,
-        logits_all=True,
-        n_threads=threads or None,
-        verbose=False,
-        type_k=llama_cpp.GGML_TYPE_F32,  # f32 KV cache: no rounding that the torch backend does not have
-        type_v=llama_cpp.GGML_TYPE_F32,
-    )
+    threads = threads or len(os.sched_getaffinity(0))
+    # f32 KV cache: no rounding that the torch backend does not have
+    model = LlamaCpp(gguf_path, n_ctx=seq_len, n_batch=seq_len, threads=threads, f32_cache=True)
 
     def run(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         out_ids = np.empty((*ids.shape, top_k), np.int64)
         out_lp = np.empty((*ids.shape, top_k), np.float32)
         out_tail = np.empty(ids.shape, np.float32)
         for row, tokens in enumerate(ids):
-            model.reset()
-            model.eval(tokens.tolist())
-            logits = np.asarray(model.scores[: len(tokens), :vocab_size], dtype=np.float32)
+            logits = model.evaluate(tokens.tolist(), all_logits=True)[:, :vocab_size]
             out_ids[row], out_lp[row], out_tail[row] = _topk_numpy(logits, top_k)
         return out_ids, out_lp, out_tail
 
@@ -236,13 +224,8 @@ def build_cache(
                 chunk = records[start : start + batch_size]
                 chunk["ids"], chunk["logprobs"], chunk["tail"] = ids, logprobs, tail
                 bar.update(rows[start : start + batch_size].size)
-            handle, tmp = tempfile.mkstemp(dir=out, prefix=f".{name}.", suffix=".tmp")
-            try:
-                with os.fdopen(handle, "wb") as stream:
-                    np.save(stream, records, allow_pickle=False)
-                publish(tmp, final)
-            finally:
-                Path(tmp).unlink(missing_ok=True)
+            with atomic_open(final) as stream:
+                np.save(stream, records, allow_pickle=False)
             computed += rows.size
             if on_shard is not None:
                 on_shard(name)
@@ -315,17 +298,18 @@ def make_cache(config: Any, progress: bool = True, on_shard: Callable[[str], Non
     from edgedistill._deps import require
 
     require("torch")
+    # The claim sweeps the temporary shards of a killed run; finished shards are kept and skipped.
+    with claim(Path(config.out), "out") as out:
+        return _make_cache(config, out, progress, on_shard)
+
+
+def _make_cache(config: Any, out: Path, progress: bool, on_shard: Callable[[str], None] | None) -> CacheManifest:
     import torch
 
     from edgedistill.distill import teacher as teachers
     from edgedistill.distill.data import load_data
     from edgedistill.distill.heads import resolve_device, resolve_dtype
 
-    out = Path(config.out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise EdgeDistillError(f"out: cannot create {out} ({err.strerror})") from None
     if config.threads:
         torch.set_num_threads(config.threads)
     source = teachers.resolve_teacher(config.teacher)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,19 +90,34 @@ def load_mapping(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise EdgeDistillError(f"{path}: no such file")
-    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() not in (".json", ".toml"):
+        raise EdgeDistillError(f"{path}: expected a .json or .toml file")
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise EdgeDistillError(f"{path}: cannot read ({err.strerror})") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise EdgeDistillError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[err.start]:02x})") from None
     if path.suffix.lower() == ".json":
         try:
             data = json.loads(text)
         except json.JSONDecodeError as err:
             raise EdgeDistillError(f"{path}:{err.lineno}: invalid JSON: {err.msg}") from None
-    elif path.suffix.lower() == ".toml":
+        except RecursionError:
+            raise EdgeDistillError(f"{path}: invalid JSON: nested too deeply") from None
+    else:
         try:
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as err:
-            raise EdgeDistillError(f"{path}: invalid TOML: {err}") from None
-    else:
-        raise EdgeDistillError(f"{path}: expected a .json or .toml file")
+            # tomllib's message ends with "(at line L, column C)": lift the line into the usual file:line prefix
+            found = re.fullmatch(r"(.*) \(at line (\d+), column \d+\)", str(err))
+            where = f"{path}:{found.group(2)}" if found else str(path)
+            raise EdgeDistillError(f"{where}: invalid TOML: {str(err).splitlines()[0]}") from None
+        except RecursionError:
+            raise EdgeDistillError(f"{path}: invalid TOML: nested too deeply") from None
     if not isinstance(data, dict):
         raise EdgeDistillError(f"{path}: expected a table of fields, got {type(data).__name__}")
     return data
@@ -155,6 +171,37 @@ def solve_preset_shape(
     return min(candidates, key=lambda c: c[0])[2]
 
 
+_SCALARS = {"int": int, "float": float, "str": str, "bool": bool}
+
+
+def _checked_value(name: str, expected: str, value: Any, where: str) -> Any:
+    """``value`` for a field of type ``expected`` ("int", "float", "list[str]", ...), an int promoted to a float
+    where a float is expected; anything else is an error naming ``where`` (the config file, if it set the value)."""
+    if expected == "float" and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if expected in _SCALARS:
+        if type(value).__name__ != expected:
+            raise EdgeDistillError(f"{where}{name}: expected a {expected}, got {value!r}")
+        if expected == "float" and not math.isfinite(value):
+            raise EdgeDistillError(f"{where}{name}: expected a finite number, got {value!r}")
+        if name == "device":  # the same setting in every run configuration (training, teacher cache, pipeline)
+            try:
+                check_device(value)
+            except EdgeDistillError as err:
+                raise EdgeDistillError(f"{where}{err}") from None
+        return value
+    found = re.fullmatch(r"list\[(\w+)\]", expected)
+    if found:
+        item_type = found.group(1)
+        items = value if isinstance(value, list) else [value]
+        # flags give lists of strings (``nargs="+"``): a list[int] field converts them in its __post_init__
+        allowed = (str,) if item_type == "str" else (_SCALARS[item_type], str)
+        if not all(isinstance(v, allowed) and not isinstance(v, bool) for v in items):
+            noun = {"str": "strings", "int": "integers", "float": "numbers"}.get(item_type, item_type)
+            raise EdgeDistillError(f"{where}{name}: expected a list of {noun}, got {value!r}")
+    return value
+
+
 class FlagConfig:
     """Shared by the run configurations: built from defaults, a config file and CLI flags; dumped as a dict."""
 
@@ -175,13 +222,24 @@ class FlagConfig:
         values = {**cls.preset(chosen), **chosen}
         types = {f.name: f.type for f in dataclasses.fields(cls)}
         for name, value in values.items():
-            expected = types[name]
-            if expected == "float" and isinstance(value, int) and not isinstance(value, bool):
-                values[name] = float(value)
-            elif expected in ("int", "float", "str", "bool") and type(value).__name__ != expected:
-                where = f"{config_file}: " if name in from_file and name not in flags else ""
-                raise EdgeDistillError(f"{where}{name}: expected a {expected}, got {value!r}")
-        return cls(**values)
+            where = f"{config_file}: " if name in from_file and name not in flags else ""
+            values[name] = _checked_value(name, types[name], value, where)
+        try:
+            return cls(**values)
+        except EdgeDistillError as err:
+            # __post_init__ names the field; say which file it came from when a file set it
+            name = str(err).split(":", 1)[0]
+            if name in from_file and name not in flags:
+                raise EdgeDistillError(f"{config_file}: {err}") from None
+            raise
+
+    def check_finite(self) -> None:
+        """Refuse NaN and infinity in every float field: they pass every range check (``nan < 0`` is false) and
+        then turn the run's losses into NaN. Called by :meth:`from_sources` and the ``__post_init__`` methods."""
+        for item in dataclasses.fields(self):
+            value = getattr(self, item.name)
+            if item.type == "float" and isinstance(value, float) and not math.isfinite(value):
+                raise EdgeDistillError(f"{item.name}: expected a finite number, got {value!r}")
 
     @classmethod
     def preset(cls, chosen: dict[str, Any]) -> dict[str, Any]:
@@ -195,6 +253,17 @@ class FlagConfig:
 LOSSES = ("fkl", "rkl", "jsd", "skl", "srkl")
 INITS = ("random", "teacher")
 DTYPES = ("auto", "float32", "bfloat16")
+DEVICES = "auto, cpu, cuda or cuda:N"
+# torch.manual_seed takes a 64-bit seed; the sampler's generator a signed one
+MAX_SEED = 2**63 - 1
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def check_device(value: str) -> None:
+    """``--device``: the spellings :func:`edgedistill.distill.heads.resolve_device` accepts (CUDA's presence is
+    checked there, when the run starts)."""
+    if not (isinstance(value, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", value)):
+        raise EdgeDistillError(f"device: expected {DEVICES}, got {value!r}")
 
 
 @dataclass
@@ -242,6 +311,7 @@ class TrainConfig(FlagConfig):
         def bad(name: str, expected: str) -> EdgeDistillError:
             return EdgeDistillError(f"{name}: expected {expected}, got {getattr(self, name)!r}")
 
+        self.check_finite()
         if isinstance(self.data, str):
             self.data = [self.data]
         if not 0.0 <= self.alpha <= 1.0:
@@ -259,10 +329,10 @@ class TrainConfig(FlagConfig):
             raise bad("jsd_beta", "a number in [0, 1]")
         if not 0.0 <= self.skew < 1.0:
             raise bad("skew", "a number in [0, 1)")
-        if self.tag_weight < 0:
-            raise bad("tag_weight", "a non-negative number")
-        if not self.lr > 0:
-            raise bad("lr", "a positive number")
+        if not 0 <= self.tag_weight <= FLOAT32_MAX:  # label weights are float32
+            raise bad("tag_weight", f"a non-negative number no larger than {FLOAT32_MAX:.4g}")
+        if not 0 < self.lr <= 1:  # AdamW moves every weight by about lr per step; far larger overflows float32
+            raise bad("lr", "a positive number no larger than 1")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise bad("min_lr_ratio", "a number in [0, 1]")
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "save_every", "log_every"):
@@ -275,6 +345,13 @@ class TrainConfig(FlagConfig):
             raise bad("val_fraction", "a number in (0, 1)")
         if self.grad_clip < 0:
             raise bad("grad_clip", "a non-negative number (0 disables clipping)")
+        if not 0 <= self.weight_decay * self.lr <= 1:  # AdamW multiplies each weight by 1 - lr * weight_decay
+            raise bad("weight_decay", f"a non-negative number no larger than 1 / lr = {1 / self.lr:g}")
+        if self.warmup_steps < -1:
+            raise bad("warmup_steps", "-1 (5 % of the steps) or a non-negative integer")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise bad("seed", f"an integer in [0, {MAX_SEED}]")
+        check_device(self.device)
 
     @property
     def warmup(self) -> int:
@@ -302,10 +379,12 @@ class CacheConfig(FlagConfig):
     threads: int = 0
 
     def __post_init__(self) -> None:
+        self.check_finite()
         if isinstance(self.data, str):
             self.data = [self.data]
         if not self.out:
             raise EdgeDistillError("out: expected a cache directory (--out DIR)")
+        check_device(self.device)
         if self.backend not in ("torch", "llama.cpp"):
             raise EdgeDistillError(f"backend: expected torch or llama.cpp, got {self.backend!r}")
         if self.teacher_dtype not in DTYPES:
@@ -316,5 +395,7 @@ class CacheConfig(FlagConfig):
         for name in ("seq_len", "top_k", "batch_size", "rows_per_shard"):
             if getattr(self, name) <= 0:
                 raise EdgeDistillError(f"{name}: expected a positive integer, got {getattr(self, name)!r}")
+        if self.threads < 0:
+            raise EdgeDistillError(f"threads: expected 0 (the default) or a positive integer, got {self.threads!r}")
         if not 0.0 < self.val_fraction < 1.0:
             raise EdgeDistillError(f"val_fraction: expected a number in (0, 1), got {self.val_fraction!r}")

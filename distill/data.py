@@ -22,6 +22,8 @@ import gzip
 import hashlib
 import io
 import json
+import re
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +36,10 @@ from edgedistill.errors import EdgeDistillError
 REASONING_TAGS = ("<think>", "</think>", "<answer>", "</answer>")
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 DEFAULT_CORPUS = Path(__file__).parent / "corpus" / "default.jsonl.gz"
+# Longer texts are tokenized in pieces of at most this many characters, cut between words (see _pieces): a fast
+# tokenizer's encoding of one 50 MB record (ids, offsets, token strings, Python lists) peaked at 8.8 GB RSS.
+PIECE_CHARS = 1 << 16
+_SURROGATE = re.compile(r"[\ud800-\udfff]")  # JSON "\\ud800" decodes to a str that no tokenizer can encode
 
 
 @dataclass
@@ -107,11 +113,15 @@ def _parse_json_line(line: str) -> Record:
         obj = json.loads(line)
     except json.JSONDecodeError as err:
         raise ValueError(f"invalid JSON ({err.msg} at column {err.colno})") from None
+    except RecursionError:
+        raise ValueError("invalid JSON (nested too deeply)") from None
     if not isinstance(obj, dict):
         raise ValueError(f'expected a JSON object with "text", "conversations" or "messages", got {type(obj).__name__}')
     if "text" in obj:
         if not isinstance(obj["text"], str) or not obj["text"].strip():
             raise ValueError('"text" must be a non-empty string')
+        if _SURROGATE.search(obj["text"]):
+            raise ValueError('"text" holds an unpaired UTF-16 surrogate escape (\\ud800-\\udfff), not a character')
         return Record("", text=obj["text"])
     key = "conversations" if "conversations" in obj else "messages" if "messages" in obj else None
     if key is None:
@@ -126,6 +136,8 @@ def _parse_json_line(line: str) -> Record:
             raise ValueError(
                 f'"{key}"[{index}].role must be one of {", ".join(CHAT_ROLES)}, got {message.get("role")!r}'
             )
+        if _SURROGATE.search(message["content"]):
+            raise ValueError(f'"{key}"[{index}].content holds an unpaired UTF-16 surrogate escape, not a character')
     if not any(m["role"] == "assistant" for m in messages):
         raise ValueError(f'"{key}" has no assistant message, so nothing to learn from')
     return Record("", messages=[{"role": m["role"], "content": m["content"]} for m in messages])
@@ -136,6 +148,7 @@ def read_records(path: Path, stats: DataStats, skip_bad_lines: bool) -> Iterator
     kind = _format(path)
     if kind not in (".jsonl", ".txt"):
         raise EdgeDistillError(f"{path}: unsupported data file (expected .jsonl or .txt, optionally .gz)")
+    number = 0  # the last line read, for errors the reader raises between lines
     try:
         with _open_text(path) as handle:
             if kind == ".txt":
@@ -167,8 +180,31 @@ def read_records(path: Path, stats: DataStats, skip_bad_lines: bool) -> Iterator
                     continue
                 record.where = f"{path}:{number}"
                 yield record
-    except (OSError, EOFError, UnicodeDecodeError) as err:
-        raise EdgeDistillError(f"{path}: cannot read ({type(err).__name__}: {err})") from None
+    except UnicodeDecodeError:
+        raise EdgeDistillError(f"{path}:{_first_undecodable_line(path)}: not UTF-8 text") from None
+    except (gzip.BadGzipFile, zlib.error, EOFError) as err:
+        # decompression runs ahead of the lines handed out, so the line is where reading stopped, not the damage
+        detail = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise EdgeDistillError(
+            f"{path}:{number + 1}: corrupt or truncated gzip data after line {number} ({detail})"
+        ) from None
+    except OSError as err:
+        raise EdgeDistillError(f"{path}: cannot read ({err.strerror or type(err).__name__})") from None
+
+
+def _first_undecodable_line(path: Path) -> str:
+    """The number of the first line of ``path`` that is not UTF-8 (the text reader decodes whole blocks, so its
+    error does not say which line), or ``?`` when the file cannot be read again."""
+    try:
+        with gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb") as handle:
+            for number, raw in enumerate(handle, start=1):
+                try:
+                    raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    return str(number)
+    except (OSError, EOFError, zlib.error):
+        pass
+    return "?"
 
 
 def _tag_spans(text: str, tags: tuple[str, ...]) -> list[tuple[int, int]]:
@@ -182,11 +218,22 @@ def _tag_spans(text: str, tags: tuple[str, ...]) -> list[tuple[int, int]]:
 
 
 def _covering(offsets: np.ndarray, spans: list[tuple[int, int]]) -> np.ndarray:
-    """Tokens whose character range overlaps any span. ``offsets``: [n, 2] -> bool [n]."""
-    hit = np.zeros(len(offsets), dtype=bool)
-    for start, end in spans:
-        hit |= (offsets[:, 0] < end) & (offsets[:, 1] > start)
-    return hit
+    """Tokens whose character range overlaps any span. ``offsets``: [n, 2] -> bool [n].
+
+    A token [a, b) overlaps a span [s, e) when s < b and e > a. Overlapping spans are merged, so that the spans
+    starting before b have increasing ends and the last of them decides: O((n + m) log m) for m spans, where a
+    test of every span against every token took minutes for a large record full of reasoning tags."""
+    if not spans:
+        return np.zeros(len(offsets), dtype=bool)
+    merged: list[list[int]] = []
+    for start, end in sorted(spans):
+        if merged and start < merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    starts, ends = np.asarray(merged, dtype=np.int64).T
+    last = np.searchsorted(starts, offsets[:, 1], side="left") - 1  # the last span starting before b
+    return (last >= 0) & (ends[np.maximum(last, 0)] > offsets[:, 0])
 
 
 def _render_chat(tokenizer: Any, record: Record) -> tuple[str, list[tuple[int, int]]]:
@@ -214,6 +261,52 @@ def _render_chat(tokenizer: Any, record: Record) -> tuple[str, list[tuple[int, i
     return full, spans
 
 
+def _cut(text: str, start: int, end: int) -> int:
+    """Where to end the piece that starts at ``start`` and may reach ``end``: after a newline, else before a space,
+    with a non-space character on either side, in the second half of the range; ``end`` when there is none.
+
+    A byte-level BPE pre-tokenizer (GPT-2's and Llama 3's regexes, SmolLM2's) always ends a pre-token after such a
+    newline and starts one at such a space, and merges never cross pre-tokens, so the pieces' ids concatenate to
+    the ids of the whole text. Tokenizers that add a prefix to each input (SentencePiece's ``▁``) may differ at a cut.
+    """
+    floor = start + (end - start) // 2
+    for separator, cut_after in (("\n", 1), (" ", 0)):
+        position = text.rfind(separator, floor, end)
+        while position > floor:
+            if not text[position - 1].isspace() and position + 1 < len(text) and not text[position + 1].isspace():
+                return position + cut_after
+            position = text.rfind(separator, floor, position)
+    return end
+
+
+def _pieces(text: str, limit: int = 0) -> list[tuple[int, int]]:
+    """(start, end) character ranges of at most ``limit`` (default :data:`PIECE_CHARS`) characters that cover
+    ``text``: one for a short text."""
+    limit = max(2, limit or PIECE_CHARS)
+    pieces, start = [], 0
+    while len(text) - start > limit:
+        end = _cut(text, start, start + limit)
+        pieces.append((start, end))
+        start = end
+    pieces.append((start, len(text)))
+    return pieces
+
+
+def tokenize(tokenizer: Any, text: str, offsets: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """The ids of ``text`` ([n] int32) and, with ``offsets``, each token's character range ([n, 2] int64; else
+    [0, 2]), tokenized in pieces of at most :data:`PIECE_CHARS` characters so that memory stays bounded."""
+    ids_parts, offset_parts = [], []
+    for start, end in _pieces(text):
+        encoding = tokenizer(text[start:end], add_special_tokens=False, return_offsets_mapping=offsets)
+        ids_parts.append(np.asarray(encoding["input_ids"], dtype=np.int32))
+        if offsets:
+            offset_parts.append(np.asarray(encoding["offset_mapping"], dtype=np.int64).reshape(-1, 2) + start)
+    ids = ids_parts[0] if len(ids_parts) == 1 else np.concatenate(ids_parts)
+    if not offsets:
+        return ids, np.zeros((0, 2), np.int64)
+    return ids, offset_parts[0] if len(offset_parts) == 1 else np.concatenate(offset_parts)
+
+
 def encode_records(records: list[Record], tokenizer: Any, tag_weight: float) -> list[Document]:
     """Tokenize records into documents with label weights (see the module docstring)."""
     eos = tokenizer.eos_token_id
@@ -227,15 +320,12 @@ def encode_records(records: list[Record], tokenizer: Any, tag_weight: float) -> 
             separator = [eos] if eos is not None and record.end_with_eos else []
         tags = _tag_spans(text, REASONING_TAGS) if tag_weight != 1.0 else []
         need_offsets = supervised_spans is not None or bool(tags)
-        encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=need_offsets)
-        ids = np.asarray(encoding["input_ids"], dtype=np.int32)
+        ids, offsets = tokenize(tokenizer, text, need_offsets)
         if supervised_spans is None:
             weights = np.ones(len(ids), dtype=np.float32)
         else:
-            offsets = np.asarray(encoding["offset_mapping"], dtype=np.int64).reshape(-1, 2)
             weights = _covering(offsets, supervised_spans).astype(np.float32)
         if tags:
-            offsets = np.asarray(encoding["offset_mapping"], dtype=np.int64).reshape(-1, 2)
             weights[_covering(offsets, tags) & (weights > 0)] = tag_weight
         if separator:
             ids = np.concatenate([ids, np.asarray(separator, dtype=np.int32)])

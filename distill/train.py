@@ -12,8 +12,8 @@ import contextlib
 import json
 import math
 import os
+import pickle
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -24,7 +24,6 @@ from edgedistill._deps import require
 from edgedistill.distill import teacher as teachers
 from edgedistill.distill.config import TrainConfig
 from edgedistill.distill.data import PackedData, load_data
-from edgedistill.distill.files import atomic_write_text, publish
 from edgedistill.distill.student import (
     audit_vocab,
     build_student,
@@ -33,6 +32,7 @@ from edgedistill.distill.student import (
     resolve_shape,
 )
 from edgedistill.errors import EdgeDistillError
+from edgedistill.files import atomic_write_text, claim, make_temp_dir, publish, temp_path
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
@@ -55,6 +55,15 @@ class _Distributed:
         self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if requested_device.startswith("cuda"):
+            available = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            index = int(requested_device.partition(":")[2] or 0)
+            if index >= available:
+                accepted = "auto or cpu" if not available else f"auto, cpu, cuda or cuda:0..{available - 1}"
+                raise EdgeDistillError(
+                    f"device: {requested_device!r} was asked for but this machine has {available} CUDA device(s); "
+                    f"expected {accepted}"
+                )
         device = resolve_device(requested_device)
         if device.type == "cuda" and device.index is None and self.world_size > 1:
             device = torch.device(f"cuda:{local_rank}")
@@ -175,10 +184,30 @@ def train_step(
         sums[1] += ce.item() / count
         sums[2] += (kd.item() if kd is not None else 0.0) / count
     grad_norm = torch.nn.utils.clip_grad_norm_(objective.parameters(), grad_clip or float("inf"))
+    if not math.isfinite(float(grad_norm)):
+        # the step would write NaN into every weight; the gradients are all-reduced, so every rank stops here
+        optimizer.zero_grad(set_to_none=True)
+        raise NonFiniteLoss(*(_first_non_finite(sums) or ("gradient norm", float(grad_norm))))
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return sums, float(grad_norm)
+
+
+class NonFiniteLoss(EdgeDistillError):
+    """A loss or the gradient norm of a step is NaN or infinite; raised before the optimizer applies the step."""
+
+    def __init__(self, what: str, value: float) -> None:
+        super().__init__(f"the {what} became non-finite ({value})")
+        self.what, self.value = what, value
+
+
+def _first_non_finite(sums: list[float]) -> tuple[str, float] | None:
+    """(name, value) of the first non-finite of the step's [loss, ce, kd] means, the parts before the total."""
+    for name, value in (("CE loss", sums[1]), ("KD loss", sums[2]), ("total loss", sums[0])):
+        if not math.isfinite(value):
+            return name, value
+    return None
 
 
 TeacherFor = Callable[[str, Any, Any, Any], "dict[str, Any] | None"]
@@ -262,6 +291,10 @@ def _save_checkpoint(
 ) -> None:
     import torch
 
+    bad = next((name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())), None)
+    if bad is not None:
+        raise NonFiniteLoss(f"weight {bad}", float("nan"))
+    # Only tensors and plain data (dicts, lists, numbers, strings): _load_checkpoint reads it with weights_only.
     state = {
         "step": step,
         "model": model.state_dict(),
@@ -271,14 +304,22 @@ def _save_checkpoint(
         "data_sha256": data_sha256,
         "version": __version__,
     }
-    handle, tmp = tempfile.mkstemp(dir=out, prefix=f".{CHECKPOINT}.", suffix=".tmp")
-    os.close(handle)
+    tmp = temp_path(out, CHECKPOINT)
     try:
         torch.save(state, tmp)
         publish(tmp, out / CHECKPOINT)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+
+
+def _stopped(step: int, err: NonFiniteLoss, out: Path, last_saved: int | None) -> EdgeDistillError:
+    """The error that ends a run whose step ``step`` went non-finite; that step is never saved."""
+    if last_saved is None:
+        kept = "no checkpoint had been written yet"
+    else:
+        kept = f"the last good checkpoint, step {last_saved}, is kept in {out / CHECKPOINT}"
+    return EdgeDistillError(f"step {step}: {err}; training stopped without saving it and {kept}; try a lower --lr")
 
 
 def _load_checkpoint(out: Path, config: TrainConfig, data_sha256: str) -> dict[str, Any] | None:
@@ -288,9 +329,27 @@ def _load_checkpoint(out: Path, config: TrainConfig, data_sha256: str) -> dict[s
     if not path.is_file():
         return None  # nothing to resume: --resume starts the run, so that reruns of a script just continue
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        # weights_only: a checkpoint is data; unpickling arbitrary objects would run whatever code a planted file names
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "Unsupported global" not in str(err):  # torch names a refused object so; anything else: a damaged file
+            raise EdgeDistillError(
+                f"resume: {path} cannot be read (not a checkpoint file); delete it to start the run over"
+            ) from None
+        raise EdgeDistillError(
+            f"resume: {path} holds objects other than tensors and plain data, which are not loaded because "
+            "unpickling them can run code; delete it to start the run over"
+        ) from None
     except Exception as err:
-        raise EdgeDistillError(f"resume: {path} cannot be read ({type(err).__name__})") from None
+        raise EdgeDistillError(
+            f"resume: {path} cannot be read ({type(err).__name__}); delete it to start the run over"
+        ) from None
+    expected = {"step": int, "model": dict, "optimizer": dict, "scheduler": dict, "config": dict, "data_sha256": str}
+    wrong = [k for k, kind in expected.items() if not isinstance(state, dict) or not isinstance(state.get(k), kind)]
+    if wrong:
+        raise EdgeDistillError(f"resume: {path} is not an edgedistill training checkpoint (no valid '{wrong[0]}')")
+    if not 0 <= state["step"] <= config.steps:
+        raise EdgeDistillError(f"resume: {path} is at step {state['step']}, outside this run's 0..{config.steps}")
     saved, current = state["config"], config.to_dict()
     defaults = TrainConfig().to_dict()  # a setting added after the checkpoint was written had its default then
     for name, value in current.items():
@@ -305,7 +364,7 @@ def _load_checkpoint(out: Path, config: TrainConfig, data_sha256: str) -> dict[s
 
 def _save_final(out: Path, student: Any, tokenizer: Any) -> None:
     """The Hugging Face checkpoint (config, safetensors, tokenizer, chat template), each file renamed into place."""
-    staging = Path(tempfile.mkdtemp(dir=out, prefix=".final."))
+    staging = make_temp_dir(out, "final")
     try:
         student.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
@@ -337,23 +396,43 @@ def _plot_losses(metrics_path: Path, png_path: Path) -> None:
     axes.legend()
     axes.grid(alpha=0.3)
     figure.tight_layout()
-    handle, tmp = tempfile.mkstemp(dir=png_path.parent, prefix=f".{png_path.name}.", suffix=".png")
-    os.close(handle)
-    figure.savefig(tmp, dpi=100)
+    tmp = temp_path(png_path.parent, png_path.name)
+    figure.savefig(tmp, dpi=100, format="png")
     plt.close(figure)
     publish(tmp, png_path)
 
 
+def _metrics_through(path: Path, last_step: int) -> str:
+    """The rows of ``metrics.jsonl`` up to ``last_step`` (those of the resumed checkpoint), as text.
+
+    An unreadable last line is the torn end of a write that a kill interrupted: it is dropped with a note. Any
+    other unreadable line means the file was damaged, and resuming would silently lose its history: an error."""
+    lines = path.read_bytes().split(b"\n")
+    if lines and not lines[-1]:
+        lines.pop()  # the file ends with a newline
+    kept = []
+    for number, raw in enumerate(lines, start=1):
+        if not raw.strip():
+            continue
+        try:
+            row = json.loads(raw)
+            if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+                raise ValueError("no integer 'step'")
+        except (ValueError, RecursionError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            if number == len(lines):
+                print(f"resume: dropped the incomplete last line {number} of {path} (an interrupted write)")
+                break
+            reason = err.msg if isinstance(err, json.JSONDecodeError) else str(err).splitlines()[0][:80]
+            raise EdgeDistillError(
+                f"{path}:{number}: not a metrics row ({reason}); repair or delete the file to resume"
+            ) from None
+        if row["step"] <= last_step:
+            kept.append(raw.decode("utf-8") + "\n")
+    return "".join(kept)
+
+
 def _prepare_out(out: Path, resume: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise EdgeDistillError(f"out: {out} exists and is not a directory")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-probe"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as err:
-        raise EdgeDistillError(f"out: cannot write to {out} ({err.strerror})") from None
+    """Refuse to start over a finished or running run unless resuming (the claim made ``out`` and swept it)."""
     if not resume and ((out / CHECKPOINT).exists() or (out / SUMMARY).exists()):
         raise EdgeDistillError(f"out: {out} already holds a run; pass --resume to continue it or choose another --out")
 
@@ -378,8 +457,10 @@ def train(config: TrainConfig, on_step: StepHook | None = None, progress: bool =
     if config.resume and (out / SUMMARY).is_file() and not (out / CHECKPOINT).exists():
         return json.loads((out / SUMMARY).read_text())  # finished already: nothing to resume
     dist = _Distributed(config.device)
+    held = contextlib.ExitStack()
     try:
-        if dist.is_main:
+        if dist.is_main:  # only rank 0 writes to OUT; the claim sweeps what a killed run left there
+            held.enter_context(claim(out, "out"))
             _prepare_out(out, config.resume)
         if config.threads:
             torch.set_num_threads(config.threads)
@@ -461,13 +542,16 @@ def train(config: TrainConfig, on_step: StepHook | None = None, progress: bool =
         metrics_path = out / METRICS
         state = _load_checkpoint(out, config, stats.sha256) if config.resume else None
         if state is not None:
-            student.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
+            try:
+                student.load_state_dict(state["model"])
+                optimizer.load_state_dict(state["optimizer"])
+                scheduler.load_state_dict(state["scheduler"])
+            except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as err:
+                detail = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+                raise EdgeDistillError(f"resume: {out / CHECKPOINT} does not fit this run ({detail})") from None
             start_step = state["step"]
             if dist.is_main and metrics_path.exists():  # drop rows of steps the checkpoint does not contain
-                kept = [r for r in metrics_path.read_text().splitlines() if r and json.loads(r)["step"] <= start_step]
-                atomic_write_text(metrics_path, "".join(row + "\n" for row in kept))
+                atomic_write_text(metrics_path, _metrics_through(metrics_path, start_step))
         elif dist.is_main:
             metrics_path.unlink(missing_ok=True)
         dist.barrier()
@@ -475,7 +559,7 @@ def train(config: TrainConfig, on_step: StepHook | None = None, progress: bool =
         # ---------------------------------------------------------------- loop
         order = _BatchOrder(train_data.num_sequences, config.batch_size, config.seed, dist.world_size, dist.rank)
         tokens_per_step = config.batch_size * config.seq_len * config.grad_accum * dist.world_size
-        bar = tqdm(
+        progress_bar = tqdm(
             total=config.steps,
             initial=start_step,
             disable=not (progress and dist.is_main),
@@ -484,42 +568,55 @@ def train(config: TrainConfig, on_step: StepHook | None = None, progress: bool =
         )
         started = time.perf_counter()
         metrics: dict[str, float] = {}
-        for step in range(start_step + 1, config.steps + 1):
-            step_start = time.perf_counter()
-            micro_batches = []
-            for micro in range(config.grad_accum):
-                rows = order.rows((step - 1) * config.grad_accum + micro)
-                inputs, positions, labels, weights = _batch(train_data, rows, device)
-                teacher = teacher_for("train", rows, inputs, positions) if teacher_for is not None else None
-                micro_batches.append((inputs, positions, labels, weights, teacher))
-            sums, grad_norm = train_step(objective, micro_batches, optimizer, scheduler, config.grad_clip)
-            loss_value, ce_value, kd_value = dist.all_mean(sums)
-            seconds = time.perf_counter() - step_start
-            metrics = {
-                "step": step,
-                "loss": loss_value,
-                "ce": ce_value,
-                "kd": kd_value if teacher_for is not None else None,
-                "lr": scheduler.get_last_lr()[0],
-                "grad_norm": grad_norm,
-                "seconds": seconds,
-                "tokens_per_second": tokens_per_step / seconds,
-            }
-            if dist.is_main:
-                if step % config.log_every == 0 or step == config.steps:
-                    with open(metrics_path, "a", encoding="utf-8") as log:
-                        log.write(json.dumps(metrics) + "\n")
-                if step % config.save_every == 0 or step == config.steps:
-                    _save_checkpoint(out, step, student, optimizer, scheduler, config, stats.sha256)
-                postfix = {"loss": f"{loss_value:.3f}", "ce": f"{ce_value:.3f}"}
-                if teacher_for is not None:
-                    postfix["kd"] = f"{kd_value:.3f}"
-                postfix["tok/s"] = f"{metrics['tokens_per_second']:.0f}"
-                bar.set_postfix(postfix, refresh=False)
-                bar.update(1)
-            if on_step is not None:
-                on_step(step, metrics)
-        bar.close()
+        micro_batches: list[tuple[Any, ...]] = []  # none when the run resumes from its final step's checkpoint
+        last_saved = start_step if state is not None else None
+        with progress_bar as bar:  # closed before an error is printed, so it ends its own line
+            for step in range(start_step + 1, config.steps + 1):
+                step_start = time.perf_counter()
+                micro_batches = []
+                for micro in range(config.grad_accum):
+                    rows = order.rows((step - 1) * config.grad_accum + micro)
+                    inputs, positions, labels, weights = _batch(train_data, rows, device)
+                    teacher = teacher_for("train", rows, inputs, positions) if teacher_for is not None else None
+                    micro_batches.append((inputs, positions, labels, weights, teacher))
+                try:
+                    sums, grad_norm = train_step(objective, micro_batches, optimizer, scheduler, config.grad_clip)
+                    loss_value, ce_value, kd_value = dist.all_mean(sums)
+                    non_finite = _first_non_finite([loss_value, ce_value, kd_value])
+                    if non_finite:  # the mean over ranks, so that every rank stops at the same step
+                        raise NonFiniteLoss(*non_finite)
+                except NonFiniteLoss as err:
+                    raise _stopped(step, err, out, last_saved) from None
+                seconds = time.perf_counter() - step_start
+                metrics = {
+                    "step": step,
+                    "loss": loss_value,
+                    "ce": ce_value,
+                    "kd": kd_value if teacher_for is not None else None,
+                    "lr": scheduler.get_last_lr()[0],
+                    "grad_norm": grad_norm,
+                    "seconds": seconds,
+                    "tokens_per_second": tokens_per_step / seconds,
+                }
+                if dist.is_main:
+                    if step % config.log_every == 0 or step == config.steps:
+                        with open(metrics_path, "a", encoding="utf-8") as log:
+                            log.write(json.dumps(metrics) + "\n")
+                    # the checkpoint after its row: a kill between the two leaves a row that a resume drops
+                    if step % config.save_every == 0 or step == config.steps:
+                        try:
+                            _save_checkpoint(out, step, student, optimizer, scheduler, config, stats.sha256)
+                        except NonFiniteLoss as err:
+                            raise _stopped(step, err, out, last_saved) from None
+                        last_saved = step
+                    postfix = {"loss": f"{loss_value:.3f}", "ce": f"{ce_value:.3f}"}
+                    if teacher_for is not None:
+                        postfix["kd"] = f"{kd_value:.3f}"
+                    postfix["tok/s"] = f"{metrics['tokens_per_second']:.0f}"
+                    bar.set_postfix(postfix, refresh=False)
+                    bar.update(1)
+                if on_step is not None:
+                    on_step(step, metrics)
         train_seconds = time.perf_counter() - started
         dist.barrier()
 
@@ -582,4 +679,5 @@ def train(config: TrainConfig, on_step: StepHook | None = None, progress: bool =
         dist.barrier()
         return summary
     finally:
+        held.close()
         dist.close()

@@ -22,7 +22,8 @@ class _Parser(argparse.ArgumentParser):
     """argparse that reports a usage error in one line (exit 2) instead of usage text plus the error."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        # the same prefix as every other error (a subcommand's prog is "edgedistill distill"), so scripts match one
+        self.exit(2, f"edgedistill: error: {message} (see {self.prog} --help)\n")
 
 
 # Help for the distill flags; the flags themselves come from TrainConfig, so the file keys and flags never drift.

@@ -202,7 +202,7 @@ def student_label(spec: str) -> str:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    from edgedistill.distill.files import atomic_write_text
+    from edgedistill.files import atomic_write_text
 
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n")
@@ -256,7 +256,7 @@ def stage_teacher(config: PipelineConfig, layout: Layout) -> dict[str, Any]:
     )
     # The held-out split as text, for the bench's perplexity through the runtime (which tokenizes it again).
     lines = [json.dumps({"text": tokenizer.decode(row[:-1].tolist())}) for row in heldout.ids]
-    from edgedistill.distill.files import atomic_write_text
+    from edgedistill.files import atomic_write_text
 
     atomic_write_text(layout.heldout_text, "\n".join(lines) + "\n")
     device = resolve_device(config.device)
@@ -422,18 +422,22 @@ def stage_report(config: PipelineConfig, layout: Layout, outputs: dict[str, Any]
 # ------------------------------------------------------------------------------------------------------ driver
 def run_pipeline(config: PipelineConfig, stages: list[str] | None = None) -> Path:
     """Run (or resume) the pipeline; returns the report's path."""
-    out = Path(config.out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise EdgeDistillError(f"out: cannot create {out} ({err.strerror})") from None
+    from edgedistill.files import claim
+
+    # One pipeline per directory at a time; the claim also sweeps the temporary files a killed run left at the top
+    # level (each stage's command claims its own directory the same way).
+    with claim(Path(config.out), "out") as out:
+        return _run_stages(config, out, stages)
+
+
+def _run_stages(config: PipelineConfig, out: Path, stages: list[str] | None) -> Path:
     layout = Layout(out)
     wanted = list(STAGES) if not stages else stages
     unknown = [s for s in wanted if s not in STAGES]
     if unknown:
         raise EdgeDistillError(f"--stages: unknown stage {unknown[0]!r}; choose from {', '.join(STAGES)}")
     state = _read_state(layout)
-    from edgedistill.distill.files import atomic_write_text
+    from edgedistill.files import atomic_write_text
 
     atomic_write_text(layout.config, config.to_toml())
     stale = False  # once a stage is redone, every later stage is redone too

@@ -245,7 +245,7 @@ def write_report(config: Any, layout: Any, outputs: dict[str, Any], samples: dic
     """Write ``report.md`` from the stages' files; returns its path."""
     from edgedistill.bench.claims import check_claims
     from edgedistill.bench.report import markdown_tables
-    from edgedistill.distill.files import atomic_write_text
+    from edgedistill.files import atomic_write_text
 
     teacher_eval = _read(layout.teacher_eval)
     bench = _read(layout.bench / "bench.json")

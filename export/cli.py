@@ -16,10 +16,15 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from edgedistill._deps import require
-from edgedistill.export.manifest import ArtifactRecord, StagedArtifact, prepare_out, update_manifest
+from edgedistill.export.manifest import ArtifactRecord, StagedArtifact, publish_with_manifest
 from edgedistill.export.recipe import FORMATS, ExportRecipe
+from edgedistill.files import claim
+
+if TYPE_CHECKING:
+    from edgedistill.export.source import ExportSource
 
 # Modules each format needs beyond torch and transformers, checked before the model loads.
 FORMAT_MODULES = {"gguf": ("gguf", "llama_cpp"), "onnx": ("optimum", "onnxruntime", "onnx", "onnx_ir")}
@@ -113,19 +118,25 @@ def run(args: argparse.Namespace) -> int:
 
 def export(recipe: ExportRecipe, verbose: bool = False) -> list[ArtifactRecord]:
     """Run a recipe: the Python entry point behind :func:`run`. Returns the manifest records written."""
-    from edgedistill.export.source import clean_name, load_source, resolve_source
+    from edgedistill.export.source import clean_name, resolve_source
 
     source = resolve_source(recipe.model)
     if recipe.name:
         source.name = clean_name(recipe.name)
     if recipe.license:
         source.license = recipe.license
-    out = prepare_out(recipe.out)
     for module in ("torch", "transformers", *FORMAT_MODULES[recipe.format]):
         require(module)
+    # The claim sweeps what a killed export left in --out and finishes a publish it began.
+    with claim(recipe.out, "--out") as out:
+        return _export(recipe, source, out, verbose)
+
+
+def _export(recipe: ExportRecipe, source: ExportSource, out: Path, verbose: bool) -> list[ArtifactRecord]:
     import torch
 
     from edgedistill.export.parity import probe_prompt_ids, probe_strings, torch_reference
+    from edgedistill.export.source import load_source
 
     threads = recipe.threads or _usable_cpus()
 
@@ -157,17 +168,14 @@ def export(recipe: ExportRecipe, verbose: bool = False) -> list[ArtifactRecord]:
                     staged = export_onnx(source, loaded, recipe.quants, out, reference, probes, threads, progress)
         finally:
             loaded.close()
-        for artifact in staged:
-            artifact.publish()
+        publish_with_manifest(out, staged)
     except BaseException:
         for artifact in staged:
             artifact.discard()
         raise
     finally:
         torch.set_num_threads(torch_threads)
-    records = [artifact.record for artifact in staged]
-    update_manifest(out, records)
-    return records
+    return [artifact.record for artifact in staged]
 
 
 def _usable_cpus() -> int:

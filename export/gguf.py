@@ -8,7 +8,9 @@ Recipe, top to bottom:
 2. Write the float32 model with gguf-py's constants and tensor-name table, the q and k projections permuted from
    Hugging Face's rotate-half layout to the interleaved one llama.cpp expects.
 3. Quantize that file with llama.cpp's own quantizer (``llama_model_quantize``) into each requested type.
-4. Load each artifact in llama.cpp and compare logits, greedy tokens and token ids with PyTorch's.
+4. Load each artifact in llama.cpp and compare logits, greedy tokens and token ids with PyTorch's. llama.cpp runs
+   in a child interpreter there (:func:`~edgedistill.isolate.run_isolated`), so a native crash becomes an error
+   that names the file instead of the death of the export.
 
 Every file is written under a temporary name in the output directory and renamed into place when complete.
 """
@@ -29,9 +31,7 @@ from edgedistill.errors import EdgeDistillError
 from edgedistill.export.manifest import (
     ArtifactRecord,
     StagedArtifact,
-    remove_path,
     sha256_file,
-    temp_path,
     tool_versions,
 )
 from edgedistill.export.parity import (
@@ -46,6 +46,9 @@ from edgedistill.export.parity import (
     judge,
 )
 from edgedistill.export.source import ExportSource, LoadedModel
+from edgedistill.files import remove_path, temp_path
+from edgedistill.isolate import run_isolated
+from edgedistill.llamacpp import LlamaCpp
 
 
 @dataclass(frozen=True)
@@ -308,73 +311,23 @@ def write_gguf(
 # ---------------------------------------------------------------------------------------------------- llama.cpp
 
 
-def _llama(path: Path, threads: int) -> Any:
-    """A llama.cpp instance of an artifact that returns logits at every position.
+def _llama(path: Path, threads: int) -> LlamaCpp:
+    """A llama.cpp instance of an artifact for the parity check.
 
     The KV cache is float32 and flash attention off (:data:`PARITY_RUNTIME`), so that the figures measure the file:
     llama.cpp's default float16 cache alone moves SmolLM2-135M's f32 logits by up to 0.05 (0.1 with flash
     attention), where the file itself differs from PyTorch by 1e-4.
     """
-    import llama_cpp
-
-    return llama_cpp.Llama(
-        model_path=str(path),
-        n_ctx=PARITY_CONTEXT,
-        n_batch=PARITY_CONTEXT,
-        n_threads=threads,
-        n_threads_batch=threads,
-        logits_all=True,
-        n_gpu_layers=0,
-        verbose=False,
-        flash_attn=False,
-        type_k=llama_cpp.GGML_TYPE_F32,
-        type_v=llama_cpp.GGML_TYPE_F32,
-    )
+    return LlamaCpp(path, n_ctx=PARITY_CONTEXT, n_batch=PARITY_CONTEXT, threads=threads, f32_cache=True)
 
 
-class LlamaCppVocab:
+def llama_vocab(path: Path) -> LlamaCpp:
     """llama.cpp's tokenizer of a GGUF file, loaded without weights and without a context.
 
     Raises:
-        ValueError: llama.cpp refused the file (for a vocabulary-only file: an unknown ``tokenizer.ggml.pre``).
+        EdgeDistillError: llama.cpp refused the file (for a vocabulary-only file: an unknown ``tokenizer.ggml.pre``).
     """
-
-    def __init__(self, path: Path) -> None:
-        import llama_cpp
-
-        params = llama_cpp.llama_model_default_params()
-        params.vocab_only = True
-        self._model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
-        if not self._model:
-            raise ValueError(f"llama.cpp cannot load the vocabulary of {path}")
-        self._vocab = llama_cpp.llama_model_get_vocab(self._model)
-
-    def tokenize(self, text: str, add_special: bool = False) -> list[int]:
-        """Token ids of ``text`` with special tokens parsed; BOS/EOS added as the file says when ``add_special``."""
-        import llama_cpp
-
-        data = text.encode("utf-8")
-        capacity = len(data) + 8
-        buffer = (llama_cpp.llama_token * capacity)()
-        count = llama_cpp.llama_tokenize(self._vocab, data, len(data), buffer, capacity, add_special, True)
-        if count < 0:  # buffer too small: -count is the size needed
-            capacity = -count
-            buffer = (llama_cpp.llama_token * capacity)()
-            count = llama_cpp.llama_tokenize(self._vocab, data, len(data), buffer, capacity, add_special, True)
-        return list(buffer[:count])
-
-    def close(self) -> None:
-        import llama_cpp
-
-        if self._model:
-            llama_cpp.llama_model_free(self._model)
-            self._model = None
-
-    def __enter__(self) -> LlamaCppVocab:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    return LlamaCpp(path, vocab_only=True)
 
 
 def choose_pre_tokenizer(
@@ -397,12 +350,12 @@ def choose_pre_tokenizer(
         try:
             write_gguf(path, model_config, vocab, pre, general)
             try:
-                llama_vocab = LlamaCppVocab(path)
-            except ValueError:
+                vocab_file = llama_vocab(path)
+            except EdgeDistillError:
                 scores[pre] = -1
                 continue
-            with llama_vocab:
-                scores[pre] = count_equal(expected, [llama_vocab.tokenize(text) for text in probes])
+            with vocab_file:
+                scores[pre] = count_equal(expected, [vocab_file.tokenize(text) for text in probes])
         finally:
             remove_path(path)
         if scores[pre] == len(probes):
@@ -424,24 +377,39 @@ def quantize(src: Path, dst: Path, quant: str, threads: int) -> None:
 
 
 def run_llama(
-    llm: Any, prompt_ids: list[list[int]], greedy_prompts: int, greedy_tokens: int = GREEDY_TOKENS
+    llm: LlamaCpp, prompt_ids: list[list[int]], greedy_prompts: int, greedy_tokens: int = GREEDY_TOKENS
 ) -> tuple[list[np.ndarray], list[list[int]]]:
     """llama.cpp's logits at every position of each prompt and greedy continuations of the first ones."""
     logits, greedy = [], []
     for index, ids in enumerate(prompt_ids):
-        llm.reset()
-        llm.eval(ids)
-        logits.append(np.array(llm.scores[: len(ids)], dtype=np.float32))
+        logits.append(llm.evaluate(ids, all_logits=True))
         if index >= greedy_prompts:
             continue
-        tokens = []
-        for _ in range(greedy_tokens):
-            next_id = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-            tokens.append(next_id)
-            if len(tokens) < greedy_tokens:
-                llm.eval([next_id])
+        tokens = [int(np.argmax(logits[-1][-1]))]
+        while len(tokens) < greedy_tokens:
+            tokens.append(int(np.argmax(llm.evaluate([tokens[-1]], start=len(ids) + len(tokens) - 1))))
         greedy.append(tokens)
     return logits, greedy
+
+
+def llama_answers(
+    path: Path,
+    threads: int,
+    prompt_ids: list[list[int]],
+    greedy_prompts: int,
+    probes: list[str],
+    special_texts: list[str],
+) -> tuple[list[np.ndarray], list[list[int]], list[list[int]], list[list[int]]]:
+    """What llama.cpp makes of an artifact: logits and greedy tokens on the prompts, ids of the probe strings.
+
+    Runs inside :func:`~edgedistill.isolate.run_isolated`, so it takes and returns plain data.
+    """
+    with _llama(path, threads) as llm:
+        logits, greedy = run_llama(llm, prompt_ids, greedy_prompts)
+    with llama_vocab(path) as vocab:
+        probe_ids = [vocab.tokenize(text) for text in probes]
+        special_ids = [vocab.tokenize(text, add_special=True) for text in special_texts]
+    return logits, greedy, probe_ids, special_ids
 
 
 def check_gguf(
@@ -466,14 +434,18 @@ def check_gguf(
         special_expected: the Hugging Face ids of ``special_texts`` with ``add_special_tokens=True``.
         threads: CPU threads for llama.cpp.
     """
-    llm = _llama(path, threads)
-    try:
-        logits, greedy = run_llama(llm, reference.prompt_ids, len(reference.greedy))
-    finally:
-        llm.close()
-    with LlamaCppVocab(path) as vocab:
-        matches = count_equal(expected, [vocab.tokenize(text) for text in probes])
-        specials = count_equal(special_expected, [vocab.tokenize(text, add_special=True) for text in special_texts])
+    logits, greedy, probe_ids, special_ids = run_isolated(
+        llama_answers,
+        path,
+        threads,
+        reference.prompt_ids,
+        len(reference.greedy),
+        probes,
+        special_texts,
+        what=f"parity check of {path.name} in llama.cpp",
+    )
+    matches = count_equal(expected, probe_ids)
+    specials = count_equal(special_expected, special_ids)
     return judge(
         GGUF_QUANTS[quant].thresholds,
         reference,

@@ -1,7 +1,8 @@
 """``DIR/manifest.json``: one record per exported artifact, merged with what earlier exports put in DIR.
 
-Artifacts are published by renaming a finished temporary file onto its final name; the manifest is written last,
-the same way, so a reader never sees a record for a file that is not complete.
+Artifacts are published by renaming a finished temporary file onto its final name, together with the manifest
+through one journal (:func:`edgedistill.files.publish_together`): a kill at any moment leaves, once the next export
+claims the directory, either the old files and the old manifest or the new files and the new manifest.
 """
 
 from __future__ import annotations
@@ -9,17 +10,14 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from edgedistill import __version__
-from edgedistill.distill.train import atomic_write_text
 from edgedistill.errors import EdgeDistillError
+from edgedistill.files import publish_together, remove_path
 
 MANIFEST = "manifest.json"
 MANIFEST_SCHEMA = 1
@@ -73,19 +71,13 @@ class ArtifactRecord:
 class StagedArtifact:
     """A finished, checked artifact still under its temporary name; :meth:`publish` renames it into place.
 
-    Exporters stage every artifact and the caller publishes them together, just before the manifest, so that an
-    export interrupted at any step leaves no new file under a final name.
+    Exporters stage every artifact and the caller publishes them together with the manifest
+    (:func:`publish_with_manifest`), so that an export interrupted at any step leaves no new file under a final name.
     """
 
     tmp: Path
     final: Path
     record: ArtifactRecord
-
-    def publish(self) -> None:
-        if self.tmp.is_dir():
-            publish_dir(self.tmp, self.final)
-        else:
-            publish_file(self.tmp, self.final)
 
     def discard(self) -> None:
         remove_path(self.tmp)
@@ -124,69 +116,19 @@ def read_manifest(out: Path) -> dict[str, Any]:
     return manifest
 
 
-def update_manifest(out: Path, records: list[ArtifactRecord]) -> Path:
-    """Merge ``records`` into ``out/manifest.json`` (a record replaces an older one with the same path)."""
+def merged_manifest(out: Path, records: list[ArtifactRecord]) -> str:
+    """The text of ``out/manifest.json`` with ``records`` merged in (a record replaces one with the same path)."""
     manifest = read_manifest(out)
     new_paths = {record.path for record in records}
     kept = [a for a in manifest["artifacts"] if a.get("path") not in new_paths and (out / a.get("path", "")).exists()]
     manifest["schema"] = MANIFEST_SCHEMA
     manifest["edgedistill_version"] = __version__
     manifest["artifacts"] = kept + [record.to_dict() for record in records]
-    path = out / MANIFEST
-    atomic_write_text(path, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
-    return path
+    return json.dumps(manifest, indent=2, ensure_ascii=False) + "\n"
 
 
-def prepare_out(out: Path) -> Path:
-    """Create ``out`` if needed and prove it writable, failing in one line otherwise."""
-    if out.exists() and not out.is_dir():
-        raise EdgeDistillError(f"--out: {out} exists and is not a directory")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out):
-            pass
-    except OSError as err:
-        raise EdgeDistillError(f"--out: {out} is not writable ({err.strerror or err})") from None
-    return out
-
-
-def temp_path(out: Path, final_name: str) -> Path:
-    """A fresh hidden temporary name next to ``final_name`` in ``out`` (the file is not created)."""
-    handle, name = tempfile.mkstemp(dir=out, prefix=f".{final_name}.", suffix=".tmp")
-    os.close(handle)
-    os.unlink(name)
-    return Path(name)
-
-
-def publish_file(tmp: Path, final: Path) -> None:
-    """Rename a finished file onto its final name, with the permissions a plain ``open`` would give."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    os.replace(tmp, final)
-
-
-def publish_dir(tmp: Path, final: Path) -> None:
-    """Put a finished directory in place of ``final``; an older one is moved aside first and then deleted.
-
-    A directory cannot be renamed over a non-empty one, so there is a short moment without ``final``; there is
-    never a moment in which ``final`` holds a half-written export.
-    """
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)
-    old = None
-    if final.exists():
-        old = temp_path(final.parent, final.name + ".old")
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def remove_path(path: Path) -> None:
-    """Remove a temporary file or directory if it exists."""
-    if path.is_dir():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
+def publish_with_manifest(out: Path, staged: list[StagedArtifact]) -> Path:
+    """Rename every staged artifact into place and merge its record into the manifest, as one step."""
+    text = merged_manifest(out, [artifact.record for artifact in staged])
+    publish_together(out, [(artifact.tmp, artifact.final) for artifact in staged], {MANIFEST: text})
+    return out / MANIFEST

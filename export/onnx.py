@@ -32,9 +32,7 @@ from edgedistill.errors import EdgeDistillError
 from edgedistill.export.manifest import (
     ArtifactRecord,
     StagedArtifact,
-    remove_path,
     sha256_file,
-    temp_path,
     tool_versions,
 )
 from edgedistill.export.parity import (
@@ -48,6 +46,8 @@ from edgedistill.export.parity import (
     judge,
 )
 from edgedistill.export.source import ExportSource, LoadedModel
+from edgedistill.files import remove_path, temp_path
+from edgedistill.isolate import run_isolated
 
 
 @dataclass(frozen=True)
@@ -287,6 +287,20 @@ def run_onnx(
     return logits, greedy
 
 
+def onnx_answers(
+    model_file: Path,
+    threads: int,
+    layers: int,
+    kv_heads: int,
+    head_dim: int,
+    prompt_ids: list[list[int]],
+    greedy_prompts: int,
+) -> tuple[list[np.ndarray], list[list[int]]]:
+    """onnxruntime's logits and greedy tokens on the prompts; runs inside :func:`~edgedistill.isolate.run_isolated`
+    (a native crash there becomes an error naming the artifact)."""
+    return run_onnx(session(model_file, threads), layers, kv_heads, head_dim, prompt_ids, greedy_prompts)
+
+
 def check_onnx(
     directory: Path,
     quant: str,
@@ -312,16 +326,17 @@ def check_onnx(
     from transformers import AutoTokenizer
 
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    sess = session(directory / MODEL_FILE, threads)
-    logits, greedy = run_onnx(
-        sess,
+    logits, greedy = run_isolated(
+        onnx_answers,
+        directory / MODEL_FILE,
+        threads,
         config.num_hidden_layers,
         config.num_key_value_heads,
         head_dim,
         reference.prompt_ids,
         len(reference.greedy),
+        what=f"parity check of {directory.name} in onnxruntime",
     )
-    del sess
     saved = AutoTokenizer.from_pretrained(str(directory))
     matches = count_equal(expected, hf_token_ids(saved, probes))
     specials = count_equal(special_expected, [saved(t, add_special_tokens=True)["input_ids"] for t in special_texts])

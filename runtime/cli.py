@@ -12,6 +12,7 @@ import sys
 from typing import Any, TextIO
 
 from edgedistill.errors import EdgeDistillError
+from edgedistill.runtime.text import check_utf8, decode_utf8
 
 CHAT_COMMANDS = {"/reset": "forget the conversation", "/exit": "leave (also /quit or Ctrl-D)", "/help": "this list"}
 
@@ -75,11 +76,21 @@ def add_generate_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stats", action="store_true", help="print token counts and speed to stderr")
 
 
+def _read_stdin() -> str:
+    """All of standard input, decoded as UTF-8 whatever the locale; bytes that are not UTF-8 are an error."""
+    buffer = getattr(sys.stdin, "buffer", None)
+    if buffer is None:  # a text stream with no bytes beneath it
+        return sys.stdin.read()
+    text = decode_utf8(buffer.read(), "prompt (standard input)")
+    return text.replace("\r\n", "\n")  # as text-mode stdin reads it
+
+
 def run_generate(args: argparse.Namespace, out: TextIO | None = None) -> int:
     """Print the generated text on stdout as it is produced; 0 on success."""
     out = out or sys.stdout
     options = _sampling(args)
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    prompt = _read_stdin() if args.prompt == "-" else args.prompt
+    check_utf8(prompt, "prompt")  # before the model loads: argv bytes that are not UTF-8 arrive as surrogates
     with _load(args) as model:
         if args.chat:
             stream = model.chat_stream([{"role": "user", "content": prompt}], **options)
@@ -112,11 +123,24 @@ def add_chat_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--system", default=None, help="a system message that opens the conversation")
 
 
+def _read_line(stdin: TextIO, what: str) -> str:
+    """One line of ``stdin`` ('' at the end), decoded as UTF-8 line by line whatever the locale, so that bytes that
+    are not UTF-8 are an error naming their line (a text stream would fail on a whole buffered chunk)."""
+    buffer = getattr(stdin, "buffer", None)
+    if buffer is None:  # a text stream with no bytes beneath it
+        line = stdin.readline()
+        check_utf8(line, what)
+        return line
+    return decode_utf8(buffer.readline(), what)
+
+
 def run_chat(args: argparse.Namespace, stdin: TextIO | None = None, out: TextIO | None = None) -> int:
     """An interactive conversation on the terminal, the reply streamed as it is generated; 0 on exit."""
     stdin = stdin or sys.stdin
     out = out or sys.stdout
     options = _sampling(args)
+    if args.system is not None:
+        check_utf8(args.system, "--system")
     interactive = stdin.isatty()
     with _load(args) as model:
         if model.chat_template is None:
@@ -130,18 +154,20 @@ def run_chat(args: argparse.Namespace, stdin: TextIO | None = None, out: TextIO 
                 f"Commands: {', '.join(CHAT_COMMANDS)}.",
                 file=out,
             )
+        line_number = 0
         while True:
             if interactive:
                 out.write("> ")
                 out.flush()
+            line_number += 1
             try:
-                line = stdin.readline()
+                line = _read_line(stdin, f"standard input: line {line_number}")
             except KeyboardInterrupt:
                 out.write("\n")
                 return 0
             if not line:  # end of input
                 return 0
-            text = line.rstrip("\n")
+            text = line.rstrip("\r\n")
             command = text.strip().lower()
             if command in ("/exit", "/quit"):
                 return 0
@@ -208,13 +234,53 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
         default=limits.max_queue,
         help=f"requests that may wait while one generates; more get 503 (default {limits.max_queue})",
     )
-    parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every request")
+    parser.add_argument(
+        "--max-connections",
+        type=int,
+        default=limits.max_connections,
+        help=f"connections served at once (one thread each); more get 503 (default {limits.max_connections})",
+    )
+    parser.add_argument(
+        "--request-timeout",
+        type=float,
+        default=limits.request_timeout_s,
+        metavar="SECONDS",
+        help="a request's line, headers and body must all arrive within this, else 408; also how long an idle "
+        f"connection is kept (default {limits.request_timeout_s:g})",
+    )
+    parser.add_argument(
+        "--allowed-host",
+        action="append",
+        default=None,
+        metavar="NAME",
+        help="also answer requests whose Host header names NAME (repeatable; '*': any). Always answered: "
+        "localhost, 127.0.0.1, [::1] and the --host address; --host 0.0.0.0 or :: answers any Host",
+    )
+    parser.add_argument(
+        "--api-key",
+        default=None,
+        help="require 'Authorization: Bearer KEY' on every request (visible to other users in ps; prefer "
+        "--api-key-file or $EDGEDISTILL_API_KEY)",
+    )
+    parser.add_argument(
+        "--api-key-file",
+        default=None,
+        metavar="PATH",
+        help="read the API key from this file (one line). Precedence: --api-key, then --api-key-file, then the "
+        "environment variable EDGEDISTILL_API_KEY",
+    )
     parser.add_argument("--verbose", action="store_true", help="log every request to stderr")
 
 
 def run_serve(args: argparse.Namespace) -> int:
     """Serve the model until Ctrl-C; 0 on a clean stop."""
-    from edgedistill.runtime.server import ModelServer, ServerLimits, serve_forever
+    from edgedistill.runtime.server import (
+        ModelServer,
+        ServerLimits,
+        allowed_hosts_for,
+        resolve_api_key,
+        serve_forever,
+    )
 
     if not 0 <= args.port <= 65535:
         raise EdgeDistillError(f"--port must lie in [0, 65535], got {args.port}")
@@ -223,13 +289,20 @@ def run_serve(args: argparse.Namespace) -> int:
         max_tokens=args.max_tokens_limit,
         max_body_bytes=args.max_body_bytes,
         max_queue=args.max_queue,
+        max_connections=args.max_connections,
+        request_timeout_s=args.request_timeout,
     )
+    # Checked before the model loads, so that a missing key file fails at once.
+    api_key = resolve_api_key(args.api_key, args.api_key_file)
+    allowed_hosts = allowed_hosts_for(args.host, args.allowed_host or ())
     with _load(args) as model:
-        server = ModelServer(model, args.host, args.port, limits, model_id=args.model_id, api_key=args.api_key)
+        server = ModelServer(
+            model, args.host, args.port, limits, model_id=args.model_id, api_key=api_key, allowed_hosts=allowed_hosts
+        )
         server.verbose = args.verbose
-        if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+        if args.host not in ("127.0.0.1", "localhost", "::1") and not api_key:
             print(
-                f"warning: listening on {args.host} without --api-key: anyone who can reach this port can use it",
+                f"warning: listening on {args.host} without an API key: anyone who can reach this port can use it",
                 file=sys.stderr,
             )
         info = model.info

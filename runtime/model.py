@@ -23,10 +23,13 @@ import numpy as np
 
 from edgedistill.errors import EdgeDistillError
 from edgedistill.runtime.sampling import Sampler, SamplingParams
-from edgedistill.runtime.text import ChatTemplate, IncrementalDecoder, StopMatcher
+from edgedistill.runtime.text import ChatTemplate, IncrementalDecoder, StopMatcher, check_utf8
 
 # The context a backend allocates when the caller gives none (tokens), capped by what the model was built for.
 DEFAULT_CONTEXT = 2048
+# The longest context a model file may declare and a caller may ask for (tokens): 16 times the 1M of the longest
+# open models today, and small enough that llama.cpp's 32-bit position arithmetic cannot overflow.
+MAX_CONTEXT = 1 << 24
 # Each backend's package and the extra that installs it.
 _INSTALL_HINTS = {
     "onnxruntime": "pip install 'edgedistill[runtime]' (or pip install onnxruntime)",
@@ -233,6 +236,7 @@ class LanguageModel(ABC):
         """
         if not isinstance(prompt, str):
             raise EdgeDistillError(f"prompt: must be a string, got {type(prompt).__name__}")
+        check_utf8(prompt, "prompt")
         return self.stream_ids(self.tokenize(prompt, add_special=True), SamplingParams.from_options(options))
 
     def generate(self, prompt: str, **options: Any) -> str:
@@ -410,7 +414,31 @@ def resolve_context(context: int | None, trained: int | None) -> int:
         raise EdgeDistillError(f"context: must be an integer >= 2 tokens, got {context!r}")
     if trained and context > trained:
         raise EdgeDistillError(f"context: {context} tokens exceed the model's maximum of {trained}")
+    if context > MAX_CONTEXT:
+        raise EdgeDistillError(f"context: {context} tokens exceed the runtime's maximum of {MAX_CONTEXT}")
     return context
+
+
+def check_cache_memory(context: int, bytes_per_token: int, path: str | Path) -> None:
+    """Refuse a key/value cache larger than this machine's memory before a backend tries to allocate it.
+
+    Args:
+        context: positions the cache holds.
+        bytes_per_token: keys plus values of one position, all layers.
+        path: the model, for the message.
+
+    Raises:
+        EdgeDistillError: the cache would not fit the physical memory.
+    """
+    import psutil
+
+    needed = context * bytes_per_token
+    total = psutil.virtual_memory().total
+    if needed > total:
+        raise EdgeDistillError(
+            f"context: a cache of {context} tokens for {Path(path).name} needs {needed / 2**30:.1f} GiB, more than "
+            f"this machine's {total / 2**30:.1f} GiB of memory (load it with a smaller context)"
+        )
 
 
 def resolve_threads(threads: int | None) -> int:

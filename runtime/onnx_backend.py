@@ -19,6 +19,7 @@ decoding step allocates nothing and Python copies nothing:
 from __future__ import annotations
 
 import json
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from functools import lru_cache
@@ -28,9 +29,17 @@ from typing import Any
 import numpy as np
 
 from edgedistill.errors import EdgeDistillError
-from edgedistill.runtime.model import LanguageModel, ModelInfo, require_module, resolve_context, resolve_threads
+from edgedistill.runtime.model import (
+    MAX_CONTEXT,
+    LanguageModel,
+    ModelInfo,
+    check_cache_memory,
+    require_module,
+    resolve_context,
+    resolve_threads,
+)
 from edgedistill.runtime.onnx_graph import SEQLENS_K, TOTAL_SEQUENCE_LENGTH, fuse_attention
-from edgedistill.runtime.text import ChatTemplate
+from edgedistill.runtime.text import ChatTemplate, check_utf8, decode_utf8, one_line
 
 # Names of optimum's decoder-with-past (the same as export/onnx.py declares; the runtime imports nothing from it).
 MODEL_FILE = "model.onnx"
@@ -53,6 +62,20 @@ PREFILL_CHUNK = 128
 # the graph's nodes before its initializers, so the operator names sit at the start of the file.
 OPERATOR_SCAN_BYTES = 8 << 20
 ONNX_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+# config.json's integers and the largest value each may take: a corrupt or hostile file must not make the runtime
+# size buffers from it. Every Hugging Face model today sits far below these.
+CONFIG_LIMITS = {
+    "max_position_embeddings": MAX_CONTEXT,
+    "vocab_size": 1 << 24,
+    "hidden_size": 1 << 20,
+    "intermediate_size": 1 << 22,
+    "num_hidden_layers": 1 << 12,
+    "num_attention_heads": 1 << 14,
+    "num_key_value_heads": 1 << 14,
+    "head_dim": 1 << 16,
+}
+# optimum's cache inputs: past_key_values.{layer}.{key|value}.
+PAST_NAME = re.compile(r"past_key_values\.(\d+)\.(key|value)")
 
 
 def resolve_onnx_path(path: Path) -> Path:
@@ -78,12 +101,30 @@ def _read_json(path: Path, required: bool) -> dict[str, Any]:
             raise EdgeDistillError(f"{path.parent}: missing {path.name} (export with `edgedistill export onnx`)")
         return {}
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise EdgeDistillError(f"{path}: not valid JSON ({err})") from None
+        text = decode_utf8(path.read_bytes(), str(path))
+    except OSError as err:
+        raise EdgeDistillError(f"{path}: cannot be read ({err.strerror})") from None
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError) as err:  # JSONDecodeError, an integer of over 4300 digits, deep nesting
+        raise EdgeDistillError(f"{path}: not valid JSON ({one_line(err)})") from None
     if not isinstance(data, dict):
-        raise EdgeDistillError(f"{path}: expected a JSON object")
+        raise EdgeDistillError(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_config(config: dict[str, Any], path: Path) -> None:
+    """Refuse config.json integers that are not positive, not integers, or beyond :data:`CONFIG_LIMITS`."""
+    for key, limit in CONFIG_LIMITS.items():
+        value = config.get(key)
+        if value is None:
+            continue
+        if not _is_int(value) or not 1 <= value <= limit:
+            raise EdgeDistillError(f"{path}: {key} must be an integer in [1, {limit}], got {one_line(repr(value), 80)}")
 
 
 def _token_text(value: Any) -> str | None:
@@ -149,8 +190,8 @@ class OnnxModel(LanguageModel):
         config = _read_json(directory / CONFIG_FILE, required=True)
         generation = _read_json(directory / GENERATION_CONFIG_FILE, required=False)
         tokenizer_config = _read_json(directory / TOKENIZER_CONFIG_FILE, required=False)
+        _check_config(config, directory / CONFIG_FILE)
         trained = config.get("max_position_embeddings")
-        trained = trained if isinstance(trained, int) and trained > 0 else None
         context = resolve_context(context, trained)
         threads = resolve_threads(threads)
 
@@ -165,15 +206,21 @@ class OnnxModel(LanguageModel):
                 try:  # an onnxruntime without GroupQueryAttention's inputs as used here refuses the rewrite
                     session = self._session(ort, fused.model, model_file, threads)
                     layout = _check_io(session, model_file, config, fused=True)
-                    self.engine = InPlaceEngine(session, layout, context)
+                    self.engine = _engine(InPlaceEngine, session, layout, context, model_file)
                 except EdgeDistillError as err:
                     self.fallback_reason = f"onnxruntime refused the rewritten graph: {err}"
                 del fused  # the serialized model: onnxruntime holds its own copy
         if not hasattr(self, "engine"):
             session = self._session(ort, str(model_file), model_file, threads)
             layout = _check_io(session, model_file, config, fused=False)
-            self.engine = ConcatEngine(session, layout, context)
+            self.engine = _engine(ConcatEngine, session, layout, context, model_file)
         self._vocab_size = layout.vocab_size
+        bad = sorted(i for i in self.eos_ids if not 0 <= i < layout.vocab_size)
+        if bad:
+            raise EdgeDistillError(
+                f"{self._eos_origin}: eos_token_id {bad[0]} is outside the model's vocabulary of "
+                f"{layout.vocab_size} tokens"
+            )
 
         self.info = ModelInfo(
             backend="onnxruntime",
@@ -199,12 +246,17 @@ class OnnxModel(LanguageModel):
         tokenizer_file = directory / TOKENIZER_FILE
         if not tokenizer_file.is_file():
             raise EdgeDistillError(f"{directory}: missing {TOKENIZER_FILE} (the runtime needs a fast tokenizer)")
+        spec = _read_json(tokenizer_file, required=True)
         try:
             self.tokenizer = tokenizers.Tokenizer.from_file(str(tokenizer_file))
-            spec = json.loads(tokenizer_file.read_text(encoding="utf-8"))
         except Exception as err:  # tokenizers raises a bare Exception on a malformed file
-            raise EdgeDistillError(f"{tokenizer_file}: cannot be loaded ({err})") from None
-        self._added = {int(t["id"]): t for t in spec.get("added_tokens", []) if isinstance(t, dict) and "id" in t}
+            raise EdgeDistillError(f"{tokenizer_file}: cannot be loaded ({one_line(err)})") from None
+        added = spec.get("added_tokens")
+        self._added = (
+            {t["id"]: t for t in added if isinstance(t, dict) and _is_int(t.get("id"))}
+            if isinstance(added, list)
+            else {}
+        )
         self._special_ids = frozenset(i for i, t in self._added.items() if t.get("special"))
         decoders = json.dumps(spec.get("decoder"))
         self._byte_level = '"ByteLevel"' in decoders
@@ -212,26 +264,46 @@ class OnnxModel(LanguageModel):
         self._metaspace = '"Metaspace"' in decoders or '"\\u2581"' in decoders or '"▁"' in decoders
         self._piece_cache: dict[int, bytes] = {}
 
-        eos = generation.get("eos_token_id", config.get("eos_token_id"))
-        eos_ids = set(eos if isinstance(eos, list) else [eos] if isinstance(eos, int) else [])
+        # The end ids: generation_config.json's, else config.json's, else the id of tokenizer_config's eos_token.
+        source = GENERATION_CONFIG_FILE if generation.get("eos_token_id") is not None else CONFIG_FILE
+        eos = (generation if source == GENERATION_CONFIG_FILE else config).get("eos_token_id")
+        self._eos_origin = directory / source
+        eos_list = [eos] if _is_int(eos) else eos if isinstance(eos, list) else None
+        if eos is not None and (eos_list is None or not all(_is_int(i) for i in eos_list)):
+            raise EdgeDistillError(
+                f"{self._eos_origin}: eos_token_id must be an integer or a list of integers, "
+                f"got {one_line(repr(eos), 80)}"
+            )
+        eos_ids = set(eos_list or [])
         eos_text = _token_text(tokenizer_config.get("eos_token"))
         if not eos_ids and eos_text is not None and self.tokenizer.token_to_id(eos_text) is not None:
             eos_ids.add(self.tokenizer.token_to_id(eos_text))
+            self._eos_origin = directory / TOKENIZER_CONFIG_FILE
         self.eos_ids = frozenset(int(i) for i in eos_ids)
 
         template_file = directory / CHAT_TEMPLATE_FILE
-        template = template_file.read_text(encoding="utf-8") if template_file.is_file() else None
-        if template is None:
+        origin = str(template_file)
+        if template_file.is_file():
+            try:
+                template = decode_utf8(template_file.read_bytes(), origin)
+            except OSError as err:
+                raise EdgeDistillError(f"{template_file}: cannot be read ({err.strerror})") from None
+        else:
+            origin = f"{directory / TOKENIZER_CONFIG_FILE}: chat_template"
             template = tokenizer_config.get("chat_template")
             if isinstance(template, list):  # several named templates: the default one
                 named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
                 template = named.get("default")
+            if template is not None and not isinstance(template, str):
+                raise EdgeDistillError(
+                    f"{origin}: must be a string or a list of {{name, template}} objects, got {type(template).__name__}"
+                )
         specials = {
             name: text
             for name in ("bos_token", "eos_token", "unk_token", "pad_token")
             if (text := _token_text(tokenizer_config.get(name))) is not None
         }
-        self.chat_template = ChatTemplate(template, specials) if isinstance(template, str) and template else None
+        self.chat_template = ChatTemplate(template, specials, origin) if template else None
 
     @staticmethod
     def _session(ort: Any, model: str | bytes, model_file: Path, threads: int) -> Any:
@@ -267,6 +339,7 @@ class OnnxModel(LanguageModel):
     def tokenize(self, text: str, add_special: bool = True) -> list[int]:
         if not isinstance(text, str):
             raise EdgeDistillError(f"tokenize: text must be a string, got {type(text).__name__}")
+        check_utf8(text, "tokenize: text")
         return list(self.tokenizer.encode(text, add_special_tokens=add_special).ids)
 
     def detokenize(self, token_ids: Sequence[int], special: bool = True) -> str:
@@ -336,6 +409,17 @@ class OnnxModel(LanguageModel):
             engine.close()
 
 
+def _engine(kind: type[Engine], session: Any, layout: KVLayout, context: int, model_file: Path) -> Engine:
+    """The engine with its cache for ``context`` positions, refused before allocation when it cannot fit."""
+    itemsize = np.dtype(layout.dtype).itemsize
+    buffers = 2 if kind is ConcatEngine else 1  # ConcatEngine keeps two copies (past and present)
+    check_cache_memory(context, buffers * len(layout.pairs) * layout.heads * layout.head_dim * itemsize, model_file)
+    try:
+        return kind(session, layout, context)
+    except MemoryError:
+        raise EdgeDistillError(f"context: no memory for a cache of {context} tokens for {model_file.name}") from None
+
+
 def _fuse(model_file: Path, config: dict[str, Any], context: int) -> Any:
     try:
         return fuse_attention(model_file, config, context)
@@ -369,9 +453,11 @@ def _check_io(session: Any, model_file: Path, config: dict[str, Any], fused: boo
     """Check that the session is a decoder with past (as exported, or rewritten) and read the cache's layout."""
     inputs = {i.name: i for i in session.get_inputs()}
     outputs = {o.name: o for o in session.get_outputs()}
-    past_names = sorted(
-        (n for n in inputs if n.startswith(PAST_PREFIX)), key=lambda n: (int(n.split(".")[1]), n.split(".")[2])
-    )
+    past_names = [n for n in inputs if n.startswith(PAST_PREFIX)]
+    for name in past_names:
+        if not PAST_NAME.fullmatch(name):
+            raise EdgeDistillError(f"{model_file}: input {name} is not named past_key_values.<layer>.<key|value>")
+    past_names.sort(key=lambda n: (int(n.split(".")[1]), n.split(".")[2]))
     needed = (INPUT_IDS, SEQLENS_K, TOTAL_SEQUENCE_LENGTH) if fused else (INPUT_IDS, ATTENTION_MASK)
     missing = [n for n in needed if n not in inputs]
     missing += [n for n in (LOGITS,) if n not in outputs] + ([] if past_names else ["past_key_values.*"])
@@ -390,6 +476,8 @@ def _check_io(session: Any, model_file: Path, config: dict[str, Any], fused: boo
     dtype = ONNX_DTYPES.get(first.type)
     if dtype is None:
         raise EdgeDistillError(f"{model_file}: past key/values of type {first.type} are not supported")
+    if len(first.shape) != 4:
+        raise EdgeDistillError(f"{model_file}: input {first.name} has shape {first.shape}, expected 4 dimensions")
     heads, head_dim = first.shape[1], first.shape[3]
     try:
         if not isinstance(heads, int):
@@ -400,6 +488,9 @@ def _check_io(session: Any, model_file: Path, config: dict[str, Any], fused: boo
         vocab = vocab if isinstance(vocab, int) else int(config["vocab_size"])
     except (KeyError, TypeError, ValueError, ZeroDivisionError):
         raise EdgeDistillError(f"{model_file}: config.json lacks the attention shape the graph leaves open") from None
+    for what, value in (("key/value heads", heads), ("head size", head_dim), ("vocabulary (logits columns)", vocab)):
+        if value <= 0:
+            raise EdgeDistillError(f"{model_file}: the graph's {what} is {value}, expected a positive size")
     return KVLayout(pairs, heads, head_dim, dtype, vocab, POSITION_IDS in inputs)
 
 

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from edgedistill.errors import EdgeDistillError
+from edgedistill.runtime.text import check_utf8
 
 # A seed must fit numpy's SeedSequence and the JSON integers of an HTTP request.
 MAX_SEED = 2**63 - 1
@@ -79,9 +80,10 @@ class SamplingParams:
         if not isinstance(stop, Iterable) or isinstance(stop, (bytes, dict)):
             raise EdgeDistillError(f"sampling: stop must be a string or a list of strings, got {self.stop!r}")
         stop = tuple(stop)
-        for item in stop:
+        for index, item in enumerate(stop):
             if not isinstance(item, str) or not item:
                 raise EdgeDistillError(f"sampling: every stop string must be a non-empty string, got {item!r}")
+            check_utf8(item, f"sampling: stop[{index}]")
         object.__setattr__(self, "stop", stop)
         # Plain Python numbers from here on, whatever the caller passed (numpy scalars, ints for floats).
         for name in ("max_tokens", "top_k"):

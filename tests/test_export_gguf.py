@@ -15,6 +15,7 @@ from export_helpers import inverse_permute_rotary, make_attention_llama, read_ma
 from edgedistill.errors import EdgeDistillError
 from edgedistill.export import gguf as gguf_export
 from edgedistill.export import parity
+from edgedistill.llamacpp import LlamaCpp
 
 pytest.importorskip("llama_cpp")
 ALL_QUANTS = "f32,f16,q8_0,q6_k,q5_k_m,q4_k_m,q4_0"
@@ -41,20 +42,10 @@ def exported(checkpoint, tmp_path_factory):
     return code, out, read_manifest(out)
 
 
-def _llama(path, logits_all=False, f32_cache=False):
-    import llama_cpp
-
-    cache = {"type_k": llama_cpp.GGML_TYPE_F32, "type_v": llama_cpp.GGML_TYPE_F32} if f32_cache else {}
-    return llama_cpp.Llama(
-        model_path=str(path),
-        n_ctx=128,
-        n_batch=128,
-        n_threads=1,
-        logits_all=logits_all,
-        verbose=False,
-        flash_attn=False,
-        **cache,
-    )
+def _llama(path, f32_cache=False):
+    """llama.cpp through the public low-level API, with the AMX-safe buffer choice (edgedistill/llamacpp.py):
+    ``llama_cpp.Llama`` itself segfaults on q8_0 and k-quant files on AMX CPUs (ggml-org/llama.cpp#20824)."""
+    return LlamaCpp(path, n_ctx=128, n_batch=128, threads=1, f32_cache=f32_cache)
 
 
 def test_every_quantization_is_written_and_passes(exported):
@@ -77,12 +68,14 @@ def test_every_quantization_is_written_and_passes(exported):
 def test_each_gguf_loads_in_llama_cpp_and_generates(exported):
     _, out, manifest = exported
     for record in manifest["artifacts"]:
-        llm = _llama(out / record["path"])
-        try:
-            result = llm.create_completion("The quick brown", max_tokens=8, temperature=0.0)
-            assert result["usage"]["completion_tokens"] >= 1
-        finally:
-            llm.close()
+        with _llama(out / record["path"]) as llm:
+            ids = llm.tokenize("The quick brown", add_special=True)
+            logits = llm.evaluate(ids)
+            for _ in range(8):  # greedy decoding, one position at a time through the KV cache
+                assert np.isfinite(logits).all()
+                next_id = int(np.argmax(logits))
+                logits = llm.evaluate([next_id], start=len(ids))
+                ids.append(next_id)
 
 
 def test_manifest_parity_figures_recomputed(exported, checkpoint):
@@ -104,18 +97,13 @@ def test_manifest_parity_figures_recomputed(exported, checkpoint):
         # The manifest states how llama.cpp ran for its figures: float32 KV cache, no flash attention.
         assert record["details"]["parity_runtime"]["kv_cache"] == "f32"
         assert record["details"]["parity_runtime"]["flash_attention"] is False
-        llm = _llama(out / record["path"], logits_all=True, f32_cache=True)
-        try:
+        with _llama(out / record["path"], f32_cache=True) as llm:
             diffs, agree = [], 0
             for ids, ref in zip(prompts, reference):
-                llm.reset()
-                llm.eval(ids)
-                logits = np.array(llm.scores[: len(ids)])
+                logits = llm.evaluate(ids, all_logits=True)
                 diffs.append(np.abs(logits - ref))
                 agree += int((logits.argmax(-1) == ref.argmax(-1)).sum())
-            matches = sum(llm.tokenize(t.encode(), add_bos=False, special=True) == e for t, e in zip(probes, expected))
-        finally:
-            llm.close()
+            matches = sum(llm.tokenize(t) == e for t, e in zip(probes, expected))
         got = record["parity"]
         positions = sum(len(ids) for ids in prompts)
         assert got["positions"] == positions
@@ -141,15 +129,10 @@ def test_greedy_tokens_equal_pytorch_for_f32(exported, checkpoint):
     with torch.no_grad():  # no cache, no EOS stop: the plainest greedy loop
         for _ in range(parity.GREEDY_TOKENS):
             torch_tokens.append(int(model(torch.tensor([ids + torch_tokens])).logits[0, -1].argmax()))
-    llm = _llama(out / "tiny-llama-f32.gguf", logits_all=True)  # llama.cpp's default float16 KV cache
-    try:
-        llm.eval(ids)
-        tokens = []
-        for _ in range(parity.GREEDY_TOKENS):
-            tokens.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
-            llm.eval([tokens[-1]])
-    finally:
-        llm.close()
+    with _llama(out / "tiny-llama-f32.gguf") as llm:  # llama.cpp's default float16 KV cache
+        tokens = [int(np.argmax(llm.evaluate(ids)))]
+        while len(tokens) < parity.GREEDY_TOKENS:
+            tokens.append(int(np.argmax(llm.evaluate(tokens[-1:], start=len(ids) + len(tokens) - 1))))
     assert tokens == torch_tokens
 
 
