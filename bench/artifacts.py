@@ -105,7 +105,7 @@ def _kv_bytes(layers: Any, kv_heads: Any, head_dim: Any, element_bytes: int) -> 
 def _gguf_bytes(path: Path) -> DecodeBytes:
     import gguf
 
-    from edgedistill.runtime.gguf_backend import read_gguf_header
+    from edgedistill.gguf_header import read_gguf_header
 
     header = read_gguf_header(path)
     sizes = {}

@@ -51,19 +51,11 @@ def _llama(vocab: int, hidden: int, layers: int, heads: int, kv_heads: int, seed
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    import numpy as np
+    """Time ``args.steps`` optimizer steps after ``args.warmup`` untimed ones; the measurements as a dict."""
     import torch
 
     from edgedistill.distill.config import TrainConfig
-    from edgedistill.distill.data import PackedData
-    from edgedistill.distill.heads import (
-        DistillationObjective,
-        SupervisedLogits,
-        release_free_memory,
-        resolve_dtype,
-        teacher_signal,
-    )
-    from edgedistill.distill.train import _batch, make_optimizer, train_step
+    from edgedistill.distill.heads import resolve_dtype
 
     torch.set_num_threads(args.threads)
     rss_after_import = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -84,25 +76,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     teacher.to(resolve_dtype(config.teacher_dtype, device)).eval().requires_grad_(False)
     student = _llama(args.vocab, args.student_hidden, args.student_layers, args.heads, args.kv_heads, seed=2).train()
     student_dtype = resolve_dtype(config.precision, device)
-    objective = DistillationObjective(student, config, chunked=not args.unchunked, dtype=student_dtype)
-    teacher_head = SupervisedLogits(teacher) if args.alpha < 1 else None
-    optimizer, scheduler = make_optimizer(student, config)
-    release_free_memory()  # as the recipe does after loading: model construction garbage is not training memory
-
-    rng = np.random.default_rng(0)
-    rows = args.batch_size * (args.steps + args.warmup)
-    data = PackedData(
-        rng.integers(0, args.vocab, size=(rows, args.seq_len + 1), dtype=np.int32),
-        np.ones((rows, args.seq_len + 1), dtype=np.float32),
-    )
-    times = []
-    for step in range(args.warmup + args.steps):
-        batch = _batch(data, slice(step * args.batch_size, (step + 1) * args.batch_size), device)
-        start = time.perf_counter()
-        signal = teacher_signal(teacher_head, batch[0], batch[1])
-        train_step(objective, [(*batch, signal)], optimizer, scheduler, config.grad_clip)
-        if step >= args.warmup:
-            times.append(time.perf_counter() - start)
+    times = _time_steps(args, config, teacher, student, student_dtype, device)
     tokens = args.batch_size * args.seq_len
     mean = statistics.fmean(times)
     return {
@@ -133,6 +107,39 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "rss_after_imports_mb": rss_after_import,
         "torch": torch.__version__,
     }
+
+
+def _time_steps(
+    args: argparse.Namespace, config: Any, teacher: Any, student: Any, student_dtype: Any, device: Any
+) -> list[float]:
+    """Seconds of each step after the warm-up: the recipe's ``train_step`` on random token ids, the teacher's
+    forward included."""
+    import numpy as np
+
+    from edgedistill.distill.data import PackedData
+    from edgedistill.distill.heads import DistillationObjective, SupervisedLogits, release_free_memory, teacher_signal
+    from edgedistill.distill.train import make_optimizer, supervised_batch, train_step
+
+    objective = DistillationObjective(student, config, chunked=not args.unchunked, dtype=student_dtype)
+    teacher_head = SupervisedLogits(teacher) if args.alpha < 1 else None
+    optimizer, scheduler = make_optimizer(student, config)
+    release_free_memory()  # as the recipe does after loading: model construction garbage is not training memory
+
+    rng = np.random.default_rng(0)
+    rows = args.batch_size * (args.steps + args.warmup)
+    data = PackedData(
+        rng.integers(0, args.vocab, size=(rows, args.seq_len + 1), dtype=np.int32),
+        np.ones((rows, args.seq_len + 1), dtype=np.float32),
+    )
+    times = []
+    for step in range(args.warmup + args.steps):
+        batch = supervised_batch(data, slice(step * args.batch_size, (step + 1) * args.batch_size), device)
+        start = time.perf_counter()
+        signal = teacher_signal(teacher_head, batch[0], batch[1])
+        train_step(objective, [(*batch, signal)], optimizer, scheduler, config.grad_clip)
+        if step >= args.warmup:
+            times.append(time.perf_counter() - start)
+    return times
 
 
 def main(argv: list[str] | None = None) -> int:

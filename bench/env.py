@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from edgedistill.system import available_cpus
+
 # Distributions whose versions a report records (absent ones are left out).
 LIBRARIES = (
     "edgedistill",
@@ -38,14 +40,6 @@ LIBRARIES = (
 BANDWIDTH_BYTES = 256 << 20
 BANDWIDTH_REPEATS = 5
 _SYS_CPU = Path("/sys/devices/system/cpu")
-
-
-def available_cpus() -> list[int]:
-    """The CPU ids this process may run on."""
-    try:
-        return sorted(os.sched_getaffinity(0))
-    except AttributeError:
-        return list(range(os.cpu_count() or 1))
 
 
 def cpu_model() -> str:
@@ -161,7 +155,7 @@ def environment(threads: list[int], bandwidth: bool = True) -> dict[str, Any]:
         "memory_total_bytes": memory_total,
         "libraries": library_versions(),
         "executable": sys.executable,
-        "load_average": _load_average(),
+        "load_average": load_average(),
     }
     if bandwidth:
         counts = sorted({min(max(1, t), len(cpus) or 1) for t in threads} | {1})
@@ -208,7 +202,8 @@ def _cpu_list(text: str) -> list[int]:
     return cpus
 
 
-def _load_average() -> list[float]:
+def load_average() -> list[float]:
+    """The 1, 5 and 15 minute load averages, rounded to 0.01 (empty where the system has none)."""
     try:
         return [round(v, 2) for v in os.getloadavg()]
     except (OSError, AttributeError):

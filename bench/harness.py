@@ -18,6 +18,7 @@ and memory claims) and, with ``data``, scored first so that every student's top-
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -25,21 +26,28 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, Field, asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from edgedistill.bench.artifacts import KIND_TORCH, artifact_kind, decode_bytes
-from edgedistill.bench.env import available_cpus, bandwidth_for, environment
+from edgedistill.bench.env import bandwidth_for, environment
 from edgedistill.bench.quality import DEFINITIONS as QUALITY_DEFINITIONS
 from edgedistill.bench.quality import read_texts, retention
-from edgedistill.bench.targets import PROJECTION_LABEL, TargetProfile, load_target, project_decode_tps
+from edgedistill.bench.report import SCHEMA, SCHEMA_VERSION
+from edgedistill.bench.targets import (
+    PROJECTION_LABEL,
+    TARGET_NAMES,
+    TargetProfile,
+    load_target,
+    project_decode_tps,
+)
+from edgedistill.config import FlagConfig, load_mapping, setting
 from edgedistill.errors import EdgeDistillError
 from edgedistill.files import claim
 from edgedistill.isolate import describe_exit
+from edgedistill.system import available_cpus
 
-SCHEMA = "edgedistill.bench"
-SCHEMA_VERSION = 1
 # How each derived figure is defined; written into bench.json and bench.md.
 DEFINITIONS = {
     **QUALITY_DEFINITIONS,
@@ -68,69 +76,193 @@ UNSTABLE_CV = 0.25
 
 
 @dataclass
-class BenchConfig:
+class BenchConfig(FlagConfig):
     """One bench run.
 
-    Attributes:
-        models: ``.gguf`` files, ``.onnx`` files or ONNX export directories, Hugging Face checkpoint directories
-            (run in PyTorch when torch and transformers are installed, skipped with a note otherwise).
-        labels: display names, one per model (default: the file or directory name without suffix).
-        threads: thread counts; each is a separate measurement.
-        prompt_tokens: prompt length of each repetition.
-        gen_tokens: tokens generated per repetition (the first comes from the prompt evaluation).
-        repeat: measured repetitions; warmup: unrecorded repetitions before them (same process, same model).
-        data: held-out text files (.jsonl with "text" or "conversations", or .txt) for perplexity.
-        quality_tokens: held-out tokens scored at most; quality_window: tokens per scored window.
-        teacher: the teacher artifact: benchmarked too, and the reference of agreement, retention and the claims.
-        target: ``host``, ``rpi4``, ``rpi5``, ``phone`` or a profile .toml: limits threads and CPU affinity to its
-            cores and adds projected decode speed.
-        claims: check the seed's claims against the measurements.
-        out: directory for bench.json, bench.csv, bench.md and the plots.
-        measure_bandwidth: measure memory bandwidth (a second or two); without it there is no roofline.
-        context: context to allocate (None: prompt + gen tokens, or the quality window if larger).
+    Every field is a setting: a key of ``--config FILE`` and a flag of ``edgedistill bench`` (see
+    :meth:`add_flags`), with the help text declared here. A Hugging Face checkpoint directory among ``models`` runs
+    in PyTorch when torch and transformers are installed and is skipped with a note otherwise; ``teacher`` is
+    benchmarked as a row of its own and is the reference of agreement, retention and the claims.
     """
 
-    models: list[Path]
-    labels: list[str] | None = None
-    threads: list[int] = field(default_factory=lambda: [len(available_cpus())])
-    prompt_tokens: int = 128
-    gen_tokens: int = 128
-    repeat: int = 5
-    warmup: int = 1
-    data: list[Path] = field(default_factory=list)
-    quality_tokens: int = DEFAULT_QUALITY_TOKENS
-    quality_window: int = DEFAULT_QUALITY_WINDOW
-    teacher: Path | None = None
-    target: str | None = None
-    claims: bool = False
-    out: Path = Path("bench-out")
-    measure_bandwidth: bool = True
-    context: int | None = None
+    models: list[Path] = setting(
+        factory=list, help=".gguf file, .onnx file or ONNX export directory, or a checkpoint directory (PyTorch)"
+    )
+    labels: list[str] | None = setting(None, "display names, one per MODEL")
+    threads: list[int] = setting(
+        factory=lambda: [len(available_cpus())],
+        help="thread counts, each measured separately (default: every CPU here)",
+    )
+    prompt_tokens: int = setting(128, "prompt length")
+    gen_tokens: int = setting(128, "tokens generated per repetition")
+    repeat: int = setting(5, "measured repetitions")
+    warmup: int = setting(1, "unrecorded repetitions first")
+    data: list[Path] = setting(
+        factory=list,
+        help='held-out .jsonl ({"text": ...}) or .txt files: adds perplexity through the runtime',
+        metavar="FILE",
+    )
+    quality_tokens: int = setting(DEFAULT_QUALITY_TOKENS, "held-out tokens scored")
+    quality_window: int = setting(DEFAULT_QUALITY_WINDOW, "tokens per scored window")
+    teacher: Path | None = setting(
+        None, "the teacher artifact: benchmarked too; reference of agreement, retention and claims"
+    )
+    target: str | None = setting(
+        None,
+        f"{', '.join(TARGET_NAMES)} or a profile .toml: limits threads/affinity to its cores "
+        "and adds projected decode speed (labelled projection)",
+        metavar="NAME",
+    )
+    claims: bool = setting(False, "check the seed's speed/memory/retention claims")
+    out: Path = setting(Path("bench-out"), "directory for bench.json, bench.csv, bench.md and the plots")
+    measure_bandwidth: bool = setting(True, "measure memory bandwidth (a second or two); without it, no roofline")
+    context: int | None = setting(
+        None, "positions to allocate (default: prompt + gen tokens, or the quality window if larger)"
+    )
 
     def __post_init__(self) -> None:
         if not self.models and self.teacher is None:
             raise EdgeDistillError("models: give at least one model (.gguf, .onnx, ONNX or checkpoint directory)")
-        self.models = [Path(m) for m in self.models]
-        self.data = [Path(d) for d in self.data or []]
-        self.out = Path(self.out)
-        self.teacher = Path(self.teacher) if self.teacher is not None else None
+        self.models = _paths("models", self.models)
+        self.data = _paths("data", self.data or [])
+        self.out = _path("out", self.out)
+        self.teacher = _path("teacher", self.teacher) if self.teacher is not None else None
         if self.labels is not None:
+            if not isinstance(self.labels, (list, tuple)):
+                raise EdgeDistillError(f"labels: expected a list of names, got {self.labels!r}")
             self.labels = [str(label) for label in self.labels]
             if len(self.labels) != len(self.models):
                 raise EdgeDistillError(f"labels: {len(self.labels)} labels for {len(self.models)} models")
-        if not self.threads or any(isinstance(t, bool) or not isinstance(t, int) or t < 1 for t in self.threads):
+        if (
+            not isinstance(self.threads, (list, tuple))
+            or not self.threads
+            or any(isinstance(t, bool) or not isinstance(t, int) or t < 1 for t in self.threads)
+        ):
             raise EdgeDistillError(f"threads: expected positive integers, got {self.threads!r}")
         self.threads = sorted(set(self.threads))
-        for name, value, low in (
-            ("prompt_tokens", self.prompt_tokens, 1),
-            ("gen_tokens", self.gen_tokens, 2),
-            ("repeat", self.repeat, 1),
-            ("warmup", self.warmup, 0),
-            ("quality_tokens", self.quality_tokens, 2),
-            ("quality_window", self.quality_window, 2),
+        for name, low in (
+            ("prompt_tokens", 1),
+            ("gen_tokens", 2),
+            ("repeat", 1),
+            ("warmup", 0),
+            ("quality_tokens", 2),
+            ("quality_window", 2),
         ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise EdgeDistillError(f"{name}: expected an integer >= {low}, got {value!r}")
+            _check_int(name, getattr(self, name), low)
+        if self.context is not None:
+            _check_int("context", self.context, 1)
+        for name in ("claims", "measure_bandwidth"):
+            if not isinstance(getattr(self, name), bool):
+                raise EdgeDistillError(f"{name}: expected true or false, got {getattr(self, name)!r}")
+        if self.target is not None and not isinstance(self.target, (str, os.PathLike)):
+            raise EdgeDistillError(f"target: expected a profile name or a .toml file, got {self.target!r}")
+
+    # ------------------------------------------------------------------------------------------------- sources
+    # FlagConfig's own add_flags and type check know int, float, str, bool and list fields, not paths or optional
+    # values; and bench's flags predate it: MODEL is positional, --threads and --labels take comma lists. These
+    # three methods keep that syntax and FlagConfig's order of sources (defaults, then --config, then flags).
+
+    @classmethod
+    def add_flags(cls, parser: argparse.ArgumentParser, help_texts: dict[str, str] | None = None) -> None:
+        """``--config FILE``, the positional MODEL arguments and one ``--field-name`` flag per other field, each
+        defaulting to None so that the file fills what the flags leave (help from each field's :func:`setting`)."""
+        parser.add_argument(
+            "--config",
+            metavar="FILE",
+            help="TOML or JSON file of settings (keys as the flags, models = [...] for MODEL); flags win",
+        )
+        for item in fields(cls):
+            names, options = _flag(item, item.metadata.get("help") or (help_texts or {}).get(item.name, ""))
+            parser.add_argument(*names, **options)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> BenchConfig:
+        """The configuration that :meth:`add_flags`' parser read."""
+        values = {item.name: getattr(args, item.name, None) for item in fields(cls)}
+        values["models"] = values["models"] or None  # no MODEL reads as []: leave the models to the file
+        return cls.from_sources(getattr(args, "config", None), values)
+
+    @classmethod
+    def from_sources(cls, config_file: str | None, overrides: dict[str, Any]) -> BenchConfig:
+        """Defaults, then the config file's keys, then the flags that were given (not None); an unknown key is an
+        error, and so is a wrong value, named by the file when the file set it. The values are checked by
+        ``__post_init__`` (FlagConfig's check would fail on the ``list[Path]`` fields)."""
+        from_file: dict[str, Any] = {}
+        if config_file:
+            names = {item.name for item in fields(cls)}
+            for key, value in load_mapping(config_file).items():
+                name = key.replace("-", "_")
+                if name not in names:
+                    raise EdgeDistillError(f"{config_file}: unknown setting '{key}'")
+                from_file[name] = value
+        flags = {name: value for name, value in overrides.items() if value is not None}
+        try:
+            return cls(**{**from_file, **flags})
+        except EdgeDistillError as err:
+            name = str(err).split(":", 1)[0]
+            if name in from_file and name not in flags:
+                raise EdgeDistillError(f"{config_file}: {err}") from None
+            raise
+
+
+def _path(name: str, value: Any) -> Path:
+    if not isinstance(value, (str, os.PathLike)):
+        raise EdgeDistillError(f"{name}: expected a path, got {value!r}")
+    return Path(value)
+
+
+def _paths(name: str, values: Any) -> list[Path]:
+    if not isinstance(values, (list, tuple)) or not all(isinstance(v, (str, os.PathLike)) for v in values):
+        raise EdgeDistillError(f"{name}: expected a list of paths, got {values!r}")
+    return [Path(v) for v in values]
+
+
+def _check_int(name: str, value: Any, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise EdgeDistillError(f"{name}: expected an integer >= {low}, got {value!r}")
+
+
+def comma_ints(text: str) -> list[int]:
+    """``--threads 1,2,4``: positive integers, comma-separated (an argparse ``type``: errors are usage errors)."""
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def comma_names(text: str) -> list[str] | None:
+    """``--labels a,b``: names, comma-separated and stripped; an empty text is no list."""
+    return [part.strip() for part in text.split(",")] if text else None
+
+
+# Fields read in another syntax than FlagConfig's ``nargs="+"``: comma lists (the bench's flags since v1).
+_COMMA_LISTS = {"threads": comma_ints, "labels": comma_names}
+_FLAG_TYPES = {"int": int, "str": str, "Path": Path}
+
+
+def _flag(item: Field, help_text: str) -> tuple[list[str], dict[str, Any]]:
+    """The ``add_argument`` names and options of one field: ``models`` positional (MODEL...), comma lists for
+    :data:`_COMMA_LISTS`, ``--name`` / ``--no-name`` for a bool that is on by default, store_true for one that is
+    off, ``nargs="+"`` for other lists, else one typed value, its default shown in the help."""
+    flag = "--" + item.name.replace("_", "-")
+    kind = item.type.removesuffix(" | None")
+    metavar = item.metadata.get("metavar")
+    default = item.default_factory() if item.default_factory is not MISSING else item.default  # type: ignore[misc]
+    if item.name == "models":
+        return [item.name], {"nargs": "*", "type": Path, "metavar": "MODEL", "help": help_text}
+    if item.name in _COMMA_LISTS:
+        return [flag], {"type": _COMMA_LISTS[item.name], "metavar": metavar, "help": f"comma-separated {help_text}"}
+    if kind == "bool":
+        action = argparse.BooleanOptionalAction if default else "store_true"
+        return [flag], {"action": action, "default": None, "help": help_text}
+    if kind.startswith("list["):
+        item_type = _FLAG_TYPES[kind.removeprefix("list[").removesuffix("]")]
+        return [flag], {"nargs": "+", "type": item_type, "metavar": metavar, "help": help_text}
+    shown = f"{help_text} (default: {default})" if default is not None else help_text
+    return [flag], {"type": _FLAG_TYPES[kind], "metavar": metavar, "help": shown}
 
 
 def default_label(path: Path) -> str:
@@ -201,6 +333,22 @@ def _plan_threads(config: BenchConfig, target: TargetProfile | None, notes: list
     return threads, pinned
 
 
+@dataclass
+class _Plan:
+    """What a run measures, settled before the first measurement."""
+
+    models: list[_Model]
+    threads: list[int]
+    pinned: list[int]  # the CPUs every measuring process is pinned to (empty: no pinning)
+    target: TargetProfile | None
+    on_target: bool  # this machine is the target itself: everything is measured, nothing projected
+    env: dict[str, Any]
+    texts: list[str] | None
+    context: int
+    skipped: list[dict[str, str]]
+    notes: list[str]
+
+
 def run_bench(config: BenchConfig, progress: bool = True) -> dict[str, Any]:
     """Run the bench and write bench.json, bench.csv, bench.md and the plots into ``config.out``.
 
@@ -217,6 +365,16 @@ def run_bench(config: BenchConfig, progress: bool = True) -> dict[str, Any]:
     """
     from edgedistill.bench.report import clean, write_reports
 
+    plan = _plan(config)
+    rows = _measure(config, plan, progress)
+    result = clean(_result(config, plan, rows))
+    with claim(Path(config.out), "--out"):  # also sweeps the temporary reports of a bench killed while writing
+        write_reports(result, config.out)
+    return result
+
+
+def _plan(config: BenchConfig) -> _Plan:
+    """Check the inputs (target, models, threads, data), describe the machine, and size each model's decode step."""
     notes: list[str] = []
     target = load_target(config.target) if config.target else None
     models = _plan_models(config)
@@ -229,17 +387,7 @@ def run_bench(config: BenchConfig, progress: bool = True) -> dict[str, Any]:
             f"this machine is a {target.name} ({env['device_model'] or env['cpu_model']}): every number is "  # type: ignore[union-attr]
             "measured on the target itself; nothing is projected"
         )
-    skipped: list[dict[str, str]] = []
-    if any(m.kind == KIND_TORCH for m in models) and not _torch_available():
-        for model in [m for m in models if m.kind == KIND_TORCH]:
-            skipped.append(
-                {
-                    "label": model.label,
-                    "path": str(model.path),
-                    "reason": "PyTorch checkpoint skipped: torch and transformers are not installed",
-                }
-            )
-            models.remove(model)
+    skipped = _skip_torch(models)
     if not models:
         raise EdgeDistillError("models: nothing left to measure (" + "; ".join(s["reason"] for s in skipped) + ")")
     for model in models:
@@ -247,72 +395,99 @@ def run_bench(config: BenchConfig, progress: bool = True) -> dict[str, Any]:
     context = config.context or config.prompt_tokens + config.gen_tokens
     if texts is not None:
         context = max(context, config.quality_window)
+    return _Plan(models, threads, pinned, target, on_target, env, texts, context, skipped, notes)
 
+
+def _skip_torch(models: list[_Model]) -> list[dict[str, str]]:
+    """Take the PyTorch checkpoints out of ``models`` where torch or transformers is missing; what was skipped."""
+    torch_models = [m for m in models if m.kind == KIND_TORCH]
+    if not torch_models or _torch_available():
+        return []
+    for model in torch_models:
+        models.remove(model)
+    reason = "PyTorch checkpoint skipped: torch and transformers are not installed"
+    return [{"label": m.label, "path": str(m.path), "reason": reason} for m in torch_models]
+
+
+def _measure(config: BenchConfig, plan: _Plan, progress: bool) -> list[dict[str, Any]]:
+    """One measuring process per model x thread count, in order; held-out quality in each model's last one."""
     config.out.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
     per_task = config.warmup + config.repeat
-    total = len(models) * len(threads) * per_task + (len(models) if texts is not None else 0)
+    total = len(plan.models) * len(plan.threads) * per_task + (len(plan.models) if plan.texts is not None else 0)
     bar = _progress(total, progress)
     with tempfile.TemporaryDirectory(prefix="edgedistill-bench-") as scratch_dir:
         scratch = Path(scratch_dir)
         texts_file = None
-        if texts is not None:
+        if plan.texts is not None:
             texts_file = scratch / "texts.json"
-            texts_file.write_text(json.dumps(texts), encoding="utf-8")
+            texts_file.write_text(json.dumps(plan.texts), encoding="utf-8")
         teacher_scores = scratch / "teacher_scores.npz"
-        for model in models:
-            for index, count in enumerate(threads):
+        for model in plan.models:
+            for index, count in enumerate(plan.threads):
                 quality = None
-                if texts_file is not None and index == len(threads) - 1:
-                    quality = {
-                        "texts": str(texts_file),
-                        "max_tokens": config.quality_tokens,
-                        "window": config.quality_window,
-                        "save": str(teacher_scores) if model.role == "teacher" else None,
-                        "reference": str(teacher_scores)
-                        if model.role != "teacher" and teacher_scores.is_file()
-                        else None,
-                    }
-                spec = {
-                    "path": str(model.path),
-                    "kind": model.kind,
-                    "label": model.label,
-                    "threads": count,
-                    "cpus": pinned,
-                    "context": context,
-                    "prompt_tokens": config.prompt_tokens,
-                    "gen_tokens": config.gen_tokens,
-                    "warmup": config.warmup,
-                    "repeat": config.repeat,
-                    "quality": quality,
-                    "result": str(scratch / f"result-{len(rows)}.json"),
-                }
+                if texts_file is not None and index == len(plan.threads) - 1:
+                    quality = _quality_spec(config, model, texts_file, teacher_scores)
+                spec = _worker_spec(config, plan, model, count, quality, scratch / f"result-{len(rows)}.json")
                 bar.set_description(f"{model.label} x{count}")
                 measured = _run_worker(spec, scratch, bar)
-                rows.append(_row(model, count, measured, env, target, on_target, config))
+                rows.append(_row(model, count, measured, plan, config))
     bar.close()
+    return rows
+
+
+def _quality_spec(config: BenchConfig, model: _Model, texts_file: Path, teacher_scores: Path) -> dict[str, Any]:
+    """The worker's quality task: the teacher saves its predictions, a student after it is compared with them."""
+    return {
+        "texts": str(texts_file),
+        "max_tokens": config.quality_tokens,
+        "window": config.quality_window,
+        "save": str(teacher_scores) if model.role == "teacher" else None,
+        "reference": str(teacher_scores) if model.role != "teacher" and teacher_scores.is_file() else None,
+    }
+
+
+def _worker_spec(
+    config: BenchConfig, plan: _Plan, model: _Model, threads: int, quality: dict[str, Any] | None, result: Path
+) -> dict[str, Any]:
+    """What one measuring process (``bench/worker.py``) reads."""
+    return {
+        "path": str(model.path),
+        "kind": model.kind,
+        "label": model.label,
+        "threads": threads,
+        "cpus": plan.pinned,
+        "context": plan.context,
+        "prompt_tokens": config.prompt_tokens,
+        "gen_tokens": config.gen_tokens,
+        "warmup": config.warmup,
+        "repeat": config.repeat,
+        "quality": quality,
+        "result": str(result),
+    }
+
+
+def _result(config: BenchConfig, plan: _Plan, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """bench.json: the rows with retention, the run's settings and machine, notes, and the claims if asked for."""
     _add_retention(rows)
     result: dict[str, Any] = {
         "schema": SCHEMA,
         "schema_version": SCHEMA_VERSION,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "config": _config_dict(config, threads),
-        "environment": env,
-        "target": target.to_dict() if target else None,
-        "on_target": on_target,
+        "config": _config_dict(config, plan.threads),
+        "environment": plan.env,
+        "target": plan.target.to_dict() if plan.target else None,
+        "on_target": plan.on_target,
         "definitions": DEFINITIONS,
         "rows": rows,
-        "skipped": skipped,
-        "notes": notes + _cache_notes(rows, target, on_target),
+        "skipped": plan.skipped,
+        "notes": plan.notes + _cache_notes(rows, plan.target, plan.on_target),
         "claims": None,
     }
     if config.claims:
         from edgedistill.bench.claims import check_claims
 
         result["claims"] = check_claims(result)
-    result = clean(result)
-    with claim(Path(config.out), "--out"):  # also sweeps the temporary reports of a bench killed while writing
-        write_reports(result, config.out)
     return result
 
 
@@ -378,22 +553,11 @@ def _run_worker(spec: dict[str, Any], scratch: Path, bar: Any) -> dict[str, Any]
     return result
 
 
-def _row(
-    model: _Model,
-    threads: int,
-    measured: dict[str, Any],
-    env: dict[str, Any],
-    target: TargetProfile | None,
-    on_target: bool,
-    config: BenchConfig,
-) -> dict[str, Any]:
+def _row(model: _Model, threads: int, measured: dict[str, Any], plan: _Plan, config: BenchConfig) -> dict[str, Any]:
+    """One row of bench.json: what the worker measured, the roofline around it, and the projection onto a target."""
     info = measured["info"]
-    positions = config.prompt_tokens + config.gen_tokens / 2
-    bytes_per_token = model.bytes.per_token(positions)
-    bandwidth = bandwidth_for(env, threads)
     decode = measured["decode_tps"]["mean"]
-    bound = bandwidth * 1e9 / bytes_per_token if bandwidth and bytes_per_token > 0 else math.nan
-    llc = env.get("last_level_cache_bytes") or 0
+    roofline = _roofline(model, threads, decode, plan.env, config)
     row: dict[str, Any] = {
         "label": model.label,
         "role": model.role,
@@ -424,45 +588,70 @@ def _row(
         "peak_source": measured["peak_source"],
         "rss_rate_hz": measured["rss_rate_hz"],
         "rss_samples": measured["rss_samples"],
+        **roofline,
+        "runs": measured["runs"],
+        "load_average": measured.get("load_average", []),
+        "unstable": _unstable(measured),
+        "measured_on": "target" if plan.on_target else "host",
+    }
+    target = plan.target
+    if target is not None and not target.measured and not plan.on_target and roofline["bandwidth_gbs"]:
+        row["projection"] = _projection(target, threads, decode, roofline)
+    if measured.get("llama_perf"):
+        row["llama_perf"] = _llama_perf(measured)
+    if "quality" in measured:
+        quality = dict(measured["quality"])
+        quality.setdefault("agreement", None)
+        quality["retention"] = None  # set by _add_retention once the teacher's row is in
+        row["quality"] = quality
+    return row
+
+
+def _roofline(
+    model: _Model, threads: int, decode_tps: float, env: dict[str, Any], config: BenchConfig
+) -> dict[str, Any]:
+    """Bytes a decoding step reads, the decode bound they give at the measured bandwidth, and the share achieved."""
+    positions = config.prompt_tokens + config.gen_tokens / 2
+    bytes_per_token = model.bytes.per_token(positions)
+    bandwidth = bandwidth_for(env, threads)
+    bound = bandwidth * 1e9 / bytes_per_token if bandwidth and bytes_per_token > 0 else math.nan
+    llc = env.get("last_level_cache_bytes") or 0
+    return {
         "bytes_per_token": bytes_per_token,
         "weight_bytes_per_token": model.bytes.weights,
         "kv_bytes_per_position": model.bytes.kv_per_position,
         "bytes_method": model.bytes.method,
         "bandwidth_gbs": bandwidth,
         "bound_tps": bound,
-        "bound_share": decode / bound if bound and bound > 0 and not math.isnan(bound) else math.nan,
+        "bound_share": decode_tps / bound if bound and bound > 0 and not math.isnan(bound) else math.nan,
         "fits_in_host_cache": bool(llc and bytes_per_token <= llc),
-        "runs": measured["runs"],
-        "load_average": measured.get("load_average", []),
-        "unstable": _unstable(measured),
-        "measured_on": "target" if on_target else "host",
     }
-    if target is not None and not target.measured and not on_target and bandwidth:
-        projection = project_decode_tps(decode, bytes_per_token, bandwidth, target.bandwidth(threads))
-        projection.update(
-            {
-                "target": target.name,
-                "threads": threads,
-                "target_bandwidth_gbs": target.bandwidth(threads),
-                "fits_in_target_cache": bool(target.cache_bytes and bytes_per_token <= target.cache_bytes),
-                "label": PROJECTION_LABEL,
-            }
-        )
-        row["projection"] = projection
-    if measured.get("llama_perf"):
-        # llama.cpp's own counters over the same repetitions: how far our measurement (Python loop, argmax and
-        # per-call overhead included) is from the library's pure compute time.
-        perf = dict(measured["llama_perf"])
-        for key in ("prefill_tps", "decode_tps"):
-            ours, theirs = measured[key]["mean"], perf.get(key)
-            perf[f"{key.removesuffix('_tps')}_ratio"] = ours / theirs if ours and theirs else None
-        row["llama_perf"] = perf
-    if "quality" in measured:
-        quality = dict(measured["quality"])
-        quality.setdefault("agreement", None)
-        quality["retention"] = None
-        row["quality"] = quality
-    return row
+
+
+def _projection(target: TargetProfile, threads: int, decode_tps: float, roofline: dict[str, Any]) -> dict[str, Any]:
+    """The host's decode speed projected onto ``target`` at the same thread count (``targets.py``)."""
+    bytes_per_token = roofline["bytes_per_token"]
+    projection = project_decode_tps(decode_tps, bytes_per_token, roofline["bandwidth_gbs"], target.bandwidth(threads))
+    projection.update(
+        {
+            "target": target.name,
+            "threads": threads,
+            "target_bandwidth_gbs": target.bandwidth(threads),
+            "fits_in_target_cache": bool(target.cache_bytes and bytes_per_token <= target.cache_bytes),
+            "label": PROJECTION_LABEL,
+        }
+    )
+    return projection
+
+
+def _llama_perf(measured: dict[str, Any]) -> dict[str, Any]:
+    """llama.cpp's own counters over the same repetitions, and how far our measurement (Python loop, argmax and
+    per-call overhead included) is from the library's pure compute time."""
+    perf = dict(measured["llama_perf"])
+    for key in ("prefill_tps", "decode_tps"):
+        ours, theirs = measured[key]["mean"], perf.get(key)
+        perf[f"{key.removesuffix('_tps')}_ratio"] = ours / theirs if ours and theirs else None
+    return perf
 
 
 def _unstable(measured: dict[str, Any]) -> bool:

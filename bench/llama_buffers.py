@@ -63,6 +63,19 @@ def _measure(path: str, setting: str, threads: int) -> dict[str, Any]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def _row(path: str, setting: str, threads: int, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Medians over the runs of one file and setting that did not fail (else the first failure)."""
+    good = [r for r in runs if "error" not in r]
+    row: dict[str, Any] = {"model": os.path.basename(path), "extra_buffers": setting, "threads": threads}
+    if good:
+        row["prefill_tps"] = round(statistics.median(r["prefill_tps"] for r in good), 1)
+        row["decode_tps"] = round(statistics.median(r["decode_tps"] for r in good), 1)
+        row["decode_tps_runs"] = [round(r["decode_tps"], 1) for r in good]
+    else:
+        row["error"] = runs[0]["error"]
+    return row
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("models", nargs="+", help=".gguf files")
@@ -76,11 +89,13 @@ def main(argv: list[str] | None = None) -> int:
 
     import llama_cpp
 
-    from edgedistill.llamacpp import AMX_FLAGS, build_has_amx, cpu_flags
+    from edgedistill.bench.env import cpu_model
+    from edgedistill.llamacpp import AMX_FLAGS, build_has_amx
+    from edgedistill.system import cpu_flags
 
     amx = build_has_amx(llama_cpp) or bool(AMX_FLAGS & cpu_flags())
     settings = ["off"] if amx else ["on", "off"]
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
+    cpu = cpu_model()
     rows = []
     print(f"CPU: {cpu}; AMX: {'yes' if amx else 'no'}; threads {args.threads}; load average {os.getloadavg()[0]:.2f}")
     print(f"{'model':<34} {'buffers':>8} {'prefill tok/s':>14} {'decode tok/s':>13}")
@@ -90,14 +105,7 @@ def main(argv: list[str] | None = None) -> int:
             for setting in settings:
                 runs[setting].append(_measure(path, setting, args.threads))
         for setting in settings:
-            good = [r for r in runs[setting] if "error" not in r]
-            row = {"model": os.path.basename(path), "extra_buffers": setting, "threads": args.threads}
-            if good:
-                row["prefill_tps"] = round(statistics.median(r["prefill_tps"] for r in good), 1)
-                row["decode_tps"] = round(statistics.median(r["decode_tps"] for r in good), 1)
-                row["decode_tps_runs"] = [round(r["decode_tps"], 1) for r in good]
-            else:
-                row["error"] = runs[setting][0]["error"]
+            row = _row(path, setting, args.threads, runs[setting])
             rows.append(row)
             print(
                 f"{row['model']:<34} {setting:>8} {row.get('prefill_tps', float('nan')):>14.1f} "

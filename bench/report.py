@@ -13,7 +13,15 @@ import math
 from pathlib import Path
 from typing import Any
 
+from edgedistill.bench.claims import DEFINITIONS as CLAIM_DEFINITIONS
+from edgedistill.bench.claims import MISSING, claim_value, number, percent
 from edgedistill.files import atomic_write_bytes
+
+# bench.json's identity: written by the harness, checked by read_json
+SCHEMA = "edgedistill.bench"
+SCHEMA_VERSION = 1
+
+__all__ = ["claim_value", "markdown_table", "markdown_tables", "text_table", "write_reports", "read_json"]
 
 # bench.csv columns, in order: (header, function of a row).
 CSV_COLUMNS: list[tuple[str, Any]] = [
@@ -95,7 +103,6 @@ def write_reports(result: dict[str, Any], out: Path) -> dict[str, Path]:
 
 def read_json(path: Path) -> dict[str, Any]:
     """A bench.json, checked for its schema."""
-    from edgedistill.bench.harness import SCHEMA, SCHEMA_VERSION
     from edgedistill.errors import EdgeDistillError
 
     data = json.loads(Path(path).read_text(encoding="utf-8"))
@@ -120,26 +127,21 @@ def _csv_value(value: Any) -> Any:
 
 
 # ----------------------------------------------------------------------------------------------------- formatting
-
-
-def _num(value: Any, digits: int = 1) -> str:
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "-"
-    return f"{value:,.{digits}f}"
+# One style for every number in bench.md, the stdout table and the pipeline's report.md (bench/claims.py).
 
 
 def _pm(stat: dict[str, Any] | None, digits: int = 1) -> str:
     if not stat or stat.get("mean") is None:
-        return "-"
-    return f"{_num(stat['mean'], digits)} ± {_num(stat.get('std'), digits)}"
+        return MISSING
+    return f"{number(stat['mean'], digits)} ± {number(stat.get('std'), digits)}"
 
 
 def _params(count: Any) -> str:
-    return f"{count / 1e6:.1f} M" if count else "-"
+    return number(count / 1e6, 1, " M") if count else MISSING
 
 
 def _mb(count: Any) -> str:
-    return f"{count / 1e6:.1f}" if count else "-"
+    return number(count / 1e6, 1) if count else MISSING
 
 
 def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
@@ -166,7 +168,7 @@ def environment_line(result: dict[str, Any]) -> str:
     device = f" on {env['device_model']}" if env.get("device_model") else ""
     return (
         f"- Host{device}: {env['cpu_model']} ({env['machine']}), {env['available_cpus']} of {env['logical_cpus']} "
-        f"CPUs available; CPUs used per row: {', '.join(map(str, cpus)) or '-'}\n"
+        f"CPUs available; CPUs used per row: {', '.join(map(str, cpus)) or MISSING}\n"
         f"- Caches: {caches or 'unknown'}\n"
         f"- Memory: {env.get('memory_total_bytes', 0) / 1e9:.1f} GB; measured read bandwidth: {bw}\n"
         f"- Load mode: {'; '.join(modes)}\n"
@@ -174,9 +176,62 @@ def environment_line(result: dict[str, Any]) -> str:
     )
 
 
-def _llama_perf_section(rows: list[dict[str, Any]]) -> str:
+# ---------------------------------------------------------------------------------------------- bench.md sections
+# Each returns one section of bench.md ("" when it has nothing to show); headings are level 3 (``###``) so that the
+# pipeline's report can embed the body under a heading of its own.
+
+
+def _speed_section(result: dict[str, Any], where: str) -> str:
+    config = result.get("config", {})
+    headers = ["model", "backend", "quant", "params", "file MB", "threads", "load s", "TTFT ms", "prefill tok/s"]
+    headers += ["decode tok/s", "token ms p50", "p95"]
+    rows = [
+        [
+            r["label"],
+            r["backend"],
+            r["quantization"],
+            _params(r["parameters"]),
+            _mb(r["file_bytes"]),
+            str(r["threads"]),
+            number(r["load_s"], 2),
+            _pm(r["ttft_ms"]),
+            _pm(r["prefill_tps"], 0),
+            _pm(r["decode_tps"]) + (" (unstable)" if r.get("unstable") else ""),
+            number(r["token_ms_p50"], 2),
+            number(r["token_ms_p95"], 2),
+        ]
+        for r in result["rows"]
+    ]
+    return (
+        f"\n### Speed (measured on {where})\n\n"
+        f"Prompt {config.get('prompt_tokens')} tokens, {config.get('gen_tokens')} generated; mean ± stddev over "
+        f"{config.get('repeat')} repetitions after {config.get('warmup')} warm-up.\n\n" + markdown_table(headers, rows)
+    )
+
+
+def _memory_section(result: dict[str, Any], where: str) -> str:
+    headers = ["model", "threads", "RSS before load MB", "peak RSS MB", "peak - before MB", "sampled peak MB"]
+    headers += ["kernel peak MB", "sampling Hz", "file MB"]
+    rows = [
+        [
+            r["label"],
+            str(r["threads"]),
+            number(r["rss_before_mb"]),
+            number(r["peak_rss_mb"]),
+            number(r["model_rss_mb"]),
+            number(r.get("sampled_peak_rss_mb")),
+            number(r.get("kernel_peak_rss_mb")),
+            number(r["rss_rate_hz"], 0),
+            _mb(r["file_bytes"]),
+        ]
+        for r in result["rows"]
+    ]
+    return f"\n### Memory (measured on {where})\n\n" + markdown_table(headers, rows)
+
+
+def _llama_perf_section(result: dict[str, Any]) -> str:
     """Our GGUF rates beside llama.cpp's own counters (``llama_perf_context``) over the same repetitions."""
-    perf_rows = [r for r in rows if r.get("llama_perf")]
+    perf_rows = [r for r in result["rows"] if r.get("llama_perf")]
     if not perf_rows:
         return ""
     return "\n### GGUF rates against llama.cpp's own timing (llama_perf_context)\n\n" + markdown_table(
@@ -185,16 +240,107 @@ def _llama_perf_section(rows: list[dict[str, Any]]) -> str:
             [
                 r["label"],
                 str(r["threads"]),
-                _num(r["prefill_tps"]["mean"]),
-                _num(r["llama_perf"].get("prefill_tps")),
-                _num(r["llama_perf"].get("prefill_ratio"), 3),
-                _num(r["decode_tps"]["mean"]),
-                _num(r["llama_perf"].get("decode_tps")),
-                _num(r["llama_perf"].get("decode_ratio"), 3),
+                number(r["prefill_tps"]["mean"]),
+                number(r["llama_perf"].get("prefill_tps")),
+                number(r["llama_perf"].get("prefill_ratio"), 3),
+                number(r["decode_tps"]["mean"]),
+                number(r["llama_perf"].get("decode_tps")),
+                number(r["llama_perf"].get("decode_ratio"), 3),
             ]
             for r in perf_rows
         ],
     )
+
+
+def _roofline_section(result: dict[str, Any]) -> str:
+    headers = ["model", "threads", "MB read per token", "bandwidth GB/s", "bound tok/s", "decode tok/s"]
+    headers += ["share of bound", "fits in host cache"]
+    rows = [
+        [
+            r["label"],
+            str(r["threads"]),
+            _mb(r["bytes_per_token"]),
+            number(r["bandwidth_gbs"]),
+            number(r["bound_tps"]),
+            number(r["decode_tps"]["mean"]),
+            percent(r["bound_share"], 0),
+            "yes: host numbers do not transfer" if r["fits_in_host_cache"] else "no",
+        ]
+        for r in result["rows"]
+    ]
+    title = "Roofline (decode bound = measured bandwidth / bytes read per token)"
+    return f"\n### {title}\n\n" + markdown_table(headers, rows)
+
+
+def _projection_caveat(projection: dict[str, Any], target: str) -> str:
+    caveats = [
+        "host ran from cache: efficiency capped at 1" if projection["capped"] else "",
+        f"fits in {target}'s cache" if projection["fits_in_target_cache"] else "",
+    ]
+    return "; ".join(c for c in caveats if c) or MISSING
+
+
+def _projection_section(result: dict[str, Any]) -> str:
+    target = result.get("target")
+    projected = [r for r in result["rows"] if r.get("projection")]
+    if not target or not projected:
+        return ""
+    name = target["name"]
+    headers = ["model", "threads", "host decode tok/s (measured)", "host efficiency", f"{name} bandwidth GB/s"]
+    headers += [f"{name} decode tok/s (projection)", "caveat"]
+    rows = [
+        [
+            r["label"],
+            str(r["threads"]),
+            number(r["decode_tps"]["mean"]),
+            number(r["projection"]["efficiency"], 2),
+            number(r["projection"]["target_bandwidth_gbs"]),
+            number(r["projection"]["decode_tps"]) + " (projection)",
+            _projection_caveat(r["projection"], name),
+        ]
+        for r in projected
+    ]
+    return (
+        f"\n### Projection onto {name} ({target['description']}) - projection, not a measurement\n\n"
+        f"projected decode tok/s = host efficiency (host decode / host bound, capped at 1) × "
+        f"{name} bandwidth / bytes per token. {target.get('notes', '')}\n\n" + markdown_table(headers, rows)
+    )
+
+
+def _quality_section(result: dict[str, Any]) -> str:
+    quality = [r for r in result["rows"] if r.get("quality")]
+    if not quality:
+        return ""
+    headers = ["model", "perplexity", "top-1 agreement with teacher", "retention (teacher ppl / student ppl)", "tokens"]
+    rows = [
+        [
+            r["label"],
+            number(r["quality"]["perplexity"], 2),
+            percent(r["quality"].get("agreement")) if r["role"] != "teacher" else "(teacher)",
+            percent(r["quality"].get("retention")) if r["role"] != "teacher" else "(teacher)",
+            str(r["quality"]["tokens"]),
+        ]
+        for r in quality
+    ]
+    return "\n### Quality (held-out data, through the runtime's logits)\n\n" + markdown_table(headers, rows)
+
+
+def _claims_section(result: dict[str, Any]) -> str:
+    if not result.get("claims"):
+        return ""
+    return "\n### Claims of the seed (MiniMind) against these measurements\n\n" + claims_table(result)
+
+
+def _definitions_section(result: dict[str, Any]) -> str:
+    definitions = dict(result.get("definitions", {}))
+    if result.get("claims"):
+        definitions.update({f"claim: {k}": v for k, v in CLAIM_DEFINITIONS.items()})
+    return "\n### Definitions\n\n" + "".join(f"- **{k}**: {v}\n" for k, v in definitions.items())
+
+
+def _notes_section(result: dict[str, Any]) -> str:
+    notes = list(result.get("notes", [])) + [f"{s['label']}: {s['reason']}" for s in result.get("skipped", [])]
+    return "\n### Notes\n\n" + "".join(f"- {n}\n" for n in notes) if notes else ""
 
 
 def markdown_tables(result: dict[str, Any]) -> str:
@@ -202,281 +348,95 @@ def markdown_tables(result: dict[str, Any]) -> str:
 
     Headings are level 3 (``###``) so that the pipeline's report can embed the body under a heading of its own.
     """
-    rows = result["rows"]
-    config = result.get("config", {})
-    target = result.get("target")
     where = "the target itself" if result.get("on_target") else "this host"
-    parts = [
-        "### Environment\n\n" + environment_line(result),
-        f"\n### Speed (measured on {where})\n\n"
-        f"Prompt {config.get('prompt_tokens')} tokens, {config.get('gen_tokens')} generated; mean ± stddev over "
-        f"{config.get('repeat')} repetitions after {config.get('warmup')} warm-up.\n\n"
-        + markdown_table(
-            [
-                "model",
-                "backend",
-                "quant",
-                "params",
-                "file MB",
-                "threads",
-                "load s",
-                "TTFT ms",
-                "prefill tok/s",
-                "decode tok/s",
-                "token ms p50",
-                "p95",
-            ],
-            [
-                [
-                    r["label"],
-                    r["backend"],
-                    r["quantization"],
-                    _params(r["parameters"]),
-                    _mb(r["file_bytes"]),
-                    str(r["threads"]),
-                    _num(r["load_s"], 2),
-                    _pm(r["ttft_ms"]),
-                    _pm(r["prefill_tps"], 0),
-                    _pm(r["decode_tps"]) + (" (unstable)" if r.get("unstable") else ""),
-                    _num(r["token_ms_p50"], 2),
-                    _num(r["token_ms_p95"], 2),
-                ]
-                for r in rows
-            ],
-        ),
-        f"\n### Memory (measured on {where})\n\n"
-        + markdown_table(
-            [
-                "model",
-                "threads",
-                "RSS before load MB",
-                "peak RSS MB",
-                "peak - before MB",
-                "sampled peak MB",
-                "kernel peak MB",
-                "sampling Hz",
-                "file MB",
-            ],
-            [
-                [
-                    r["label"],
-                    str(r["threads"]),
-                    _num(r["rss_before_mb"]),
-                    _num(r["peak_rss_mb"]),
-                    _num(r["model_rss_mb"]),
-                    _num(r.get("sampled_peak_rss_mb")),
-                    _num(r.get("kernel_peak_rss_mb")),
-                    _num(r["rss_rate_hz"], 0),
-                    _mb(r["file_bytes"]),
-                ]
-                for r in rows
-            ],
-        ),
-        _llama_perf_section(rows),
-        "\n### Roofline (decode bound = measured bandwidth / bytes read per token)\n\n"
-        + markdown_table(
-            [
-                "model",
-                "threads",
-                "MB read per token",
-                "bandwidth GB/s",
-                "bound tok/s",
-                "decode tok/s",
-                "share of bound",
-                "fits in host cache",
-            ],
-            [
-                [
-                    r["label"],
-                    str(r["threads"]),
-                    _mb(r["bytes_per_token"]),
-                    _num(r["bandwidth_gbs"]),
-                    _num(r["bound_tps"]),
-                    _num(r["decode_tps"]["mean"]),
-                    "-"
-                    if r["bound_share"] is None or not math.isfinite(r["bound_share"])
-                    else f"{r['bound_share']:.0%}",
-                    "yes: host numbers do not transfer" if r["fits_in_host_cache"] else "no",
-                ]
-                for r in rows
-            ],
-        ),
-    ]
-    projected = [r for r in rows if r.get("projection")]
-    if target and projected:
-        parts.append(
-            f"\n### Projection onto {target['name']} ({target['description']}) - projection, not a measurement\n\n"
-            f"projected decode tok/s = host efficiency (host decode / host bound, capped at 1) × "
-            f"{target['name']} bandwidth / bytes per token. {target.get('notes', '')}\n\n"
-            + markdown_table(
-                [
-                    "model",
-                    "threads",
-                    "host decode tok/s (measured)",
-                    "host efficiency",
-                    f"{target['name']} bandwidth GB/s",
-                    f"{target['name']} decode tok/s (projection)",
-                    "caveat",
-                ],
-                [
-                    [
-                        r["label"],
-                        str(r["threads"]),
-                        _num(r["decode_tps"]["mean"]),
-                        _num(r["projection"]["efficiency"], 2),
-                        _num(r["projection"]["target_bandwidth_gbs"]),
-                        _num(r["projection"]["decode_tps"]) + " (projection)",
-                        "; ".join(
-                            c
-                            for c in (
-                                "host ran from cache: efficiency capped at 1" if r["projection"]["capped"] else "",
-                                f"fits in {target['name']}'s cache" if r["projection"]["fits_in_target_cache"] else "",
-                            )
-                            if c
-                        )
-                        or "-",
-                    ]
-                    for r in projected
-                ],
-            )
-        )
-    quality = [r for r in rows if r.get("quality")]
-    if quality:
-        parts.append(
-            "\n### Quality (held-out data, through the runtime's logits)\n\n"
-            + markdown_table(
-                [
-                    "model",
-                    "perplexity",
-                    "top-1 agreement with teacher",
-                    "retention (teacher ppl / student ppl)",
-                    "tokens",
-                ],
-                [
-                    [
-                        r["label"],
-                        _num(r["quality"]["perplexity"], 2),
-                        _pct(r["quality"].get("agreement")) if r["role"] != "teacher" else "(teacher)",
-                        _pct(r["quality"].get("retention")) if r["role"] != "teacher" else "(teacher)",
-                        str(r["quality"]["tokens"]),
-                    ]
-                    for r in quality
-                ],
-            )
-        )
-    if result.get("claims"):
-        parts.append("\n### Claims of the seed (MiniMind) against these measurements\n\n" + claims_table(result))
-    definitions = dict(result.get("definitions", {}))
-    if result.get("claims"):
-        from edgedistill.bench.claims import DEFINITIONS as CLAIM_DEFINITIONS
-
-        definitions.update({f"claim: {k}": v for k, v in CLAIM_DEFINITIONS.items()})
-    parts.append("\n### Definitions\n\n" + "".join(f"- **{k}**: {v}\n" for k, v in definitions.items()))
-    notes = list(result.get("notes", [])) + [f"{s['label']}: {s['reason']}" for s in result.get("skipped", [])]
-    if notes:
-        parts.append("\n### Notes\n\n" + "".join(f"- {n}\n" for n in notes))
-    return "".join(parts)
-
-
-def _pct(value: Any) -> str:
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "-"
-    return f"{value:.1%}" if abs(value) >= 0.01 or value == 0 else f"{value:.2%}"
-
-
-def claim_value(claim: dict[str, Any]) -> str:
-    """A claim's measured value with its unit (x, MB, %), or "-" when not measured."""
-    value = claim.get("measured")
-    if value is None:
-        return "-"
-    if claim["claim"].startswith("speed-up"):
-        return f"{value:.2f}x"
-    if claim["claim"].startswith("memory"):
-        return f"{value:.0f} MB"
-    return _pct(value)
+    return "".join(
+        [
+            "### Environment\n\n" + environment_line(result),
+            _speed_section(result, where),
+            _memory_section(result, where),
+            _llama_perf_section(result),
+            _roofline_section(result),
+            _projection_section(result),
+            _quality_section(result),
+            _claims_section(result),
+            _definitions_section(result),
+            _notes_section(result),
+        ]
+    )
 
 
 def claims_table(result: dict[str, Any]) -> str:
     return markdown_table(
         ["claim", "model", "seed says", "measured", "verdict", "how"],
         [
-            [c["claim"], c.get("model", "-"), c["seed"], claim_value(c), f"**{c['verdict']}**", c["note"]]
+            [c["claim"], c.get("model", MISSING), c["seed"], claim_value(c), f"**{c['verdict']}**", c["note"]]
             for c in result.get("claims") or []
         ],
     )
 
 
+# ---------------------------------------------------------------------------------------------------- stdout table
+
+
+def _text_row(r: dict[str, Any]) -> list[str]:
+    bound = percent(r["bound_share"], 0)
+    return [
+        r["label"],
+        r["backend"],
+        r["quantization"],
+        _params(r["parameters"]),
+        str(r["threads"]),
+        number(r["load_s"], 2),
+        _pm(r["ttft_ms"]),
+        _pm(r["prefill_tps"], 0),
+        _pm(r["decode_tps"]) + ("!" if r.get("unstable") else ""),
+        number(r["token_ms_p50"], 2),
+        number(r["token_ms_p95"], 2),
+        f"{number(r['peak_rss_mb'], 0)} ({number(r['rss_before_mb'], 0)})",
+        bound + ("*" if bound != MISSING and r["fits_in_host_cache"] else ""),
+        number((r.get("quality") or {}).get("perplexity"), 2),
+    ]
+
+
+def _text_projection(result: dict[str, Any]) -> list[str]:
+    target = result.get("target")
+    projected = [r for r in result["rows"] if r.get("projection")]
+    if not target or not projected:
+        return []
+    rows = [
+        [
+            r["label"],
+            str(r["threads"]),
+            number(r["decode_tps"]["mean"]),
+            number(r["projection"]["decode_tps"]) + " (projection)",
+            "host ran from cache: capped" if r["projection"]["capped"] else "",
+        ]
+        for r in projected
+    ]
+    headers = ["model", "thr", "host decode tok/s", f"{target['name']} projection tok/s", "note"]
+    title = f"\n{target['name']} decode tok/s - PROJECTION from host bandwidth efficiency, not measured:"
+    return [title, _align(headers, rows)]
+
+
 def text_table(result: dict[str, Any]) -> str:
     """The human table printed on stdout: one line per row, then projections and claims."""
     rows = result["rows"]
-    target = result.get("target")
     where = "target" if result.get("on_target") else "host"
-    headers = [
-        "model",
-        "backend",
-        "quant",
-        "params",
-        "thr",
-        "load s",
-        "TTFT ms",
-        "prefill tok/s",
-        "decode tok/s",
-        "p50 ms",
-        "p95 ms",
-        "peak MB (before)",
-        "bound",
-        "ppl",
-    ]
-    body = [
-        [
-            r["label"],
-            r["backend"],
-            r["quantization"],
-            _params(r["parameters"]),
-            str(r["threads"]),
-            _num(r["load_s"], 2),
-            _pm(r["ttft_ms"]),
-            _pm(r["prefill_tps"], 0),
-            _pm(r["decode_tps"]) + ("!" if r.get("unstable") else ""),
-            _num(r["token_ms_p50"], 2),
-            _num(r["token_ms_p95"], 2),
-            f"{_num(r['peak_rss_mb'], 0)} ({_num(r['rss_before_mb'], 0)})",
-            "-"
-            if r["bound_share"] is None or not math.isfinite(r["bound_share"])
-            else f"{r['bound_share']:.0%}" + ("*" if r["fits_in_host_cache"] else ""),
-            _num((r.get("quality") or {}).get("perplexity"), 2),
-        ]
-        for r in rows
-    ]
+    headers = ["model", "backend", "quant", "params", "thr", "load s", "TTFT ms", "prefill tok/s", "decode tok/s"]
+    headers += ["p50 ms", "p95 ms", "peak MB (before)", "bound", "ppl"]
+    body = [_text_row(r) for r in rows]
     lines = [f"measured on this {where} ({result['environment']['cpu_model']}):", _align(headers, body)]
     if any(r["fits_in_host_cache"] for r in rows):
         lines.append("* fits in this host's last-level cache: host decode speed does not transfer to a smaller device")
     if any(r.get("unstable") for r in rows):
         lines.append("! unstable: repetitions disagree by more than 25 % (something else was running?)")
-    projected = [r for r in rows if r.get("projection")]
-    if target and projected:
-        lines.append(f"\n{target['name']} decode tok/s - PROJECTION from host bandwidth efficiency, not measured:")
-        lines.append(
-            _align(
-                ["model", "thr", "host decode tok/s", f"{target['name']} projection tok/s", "note"],
-                [
-                    [
-                        r["label"],
-                        str(r["threads"]),
-                        _num(r["decode_tps"]["mean"]),
-                        _num(r["projection"]["decode_tps"]) + " (projection)",
-                        "host ran from cache: capped" if r["projection"]["capped"] else "",
-                    ]
-                    for r in projected
-                ],
-            )
-        )
+    lines += _text_projection(result)
     if result.get("claims"):
         lines.append("\nclaims of the seed:")
         lines.append(
             _align(
                 ["claim", "model", "measured", "verdict"],
-                [[c["claim"], c.get("model", "-"), claim_value(c), c["verdict"].upper()] for c in result["claims"]],
+                [[c["claim"], c.get("model", MISSING), claim_value(c), c["verdict"].upper()] for c in result["claims"]],
             )
         )
     return "\n".join(lines) + "\n"
@@ -489,6 +449,48 @@ def _align(headers: list[str], rows: list[list[str]]) -> str:
 
 
 # ------------------------------------------------------------------------------------------------------------ plots
+
+
+def _scatter_plot(
+    plt: Any,
+    path: Path,
+    values: list[tuple[dict[str, Any], float | None]],
+    labels: tuple[str, str, str],
+    projection: list[tuple[dict[str, Any], float | None]] | None = None,
+    target: str = "",
+) -> bool:
+    """One value against file size (log scale), measured points filled, projected ones hollow; False when no value
+    is finite (nothing written). ``labels``: the y axis, the title, and where the points were measured."""
+    shown = [(r, v) for r, v in values if v is not None and math.isfinite(v)]
+    if not shown:
+        return False
+    ylabel, title, where = labels
+    figure, axis = plt.subplots(figsize=(6.4, 4.2))
+    axis.scatter([r["file_bytes"] / 1e6 for r, _ in shown], [v for _, v in shown], label=f"measured ({where})")
+    for r, v in shown:
+        label = f"{r['label']} ({r['threads']}t)"
+        axis.annotate(label, (r["file_bytes"] / 1e6, v), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    projected = [(r, v) for r, v in projection or [] if v is not None and math.isfinite(v)]
+    if projected:
+        axis.scatter(
+            [r["file_bytes"] / 1e6 for r, _ in projected],
+            [v for _, v in projected],
+            facecolors="none",
+            edgecolors="tab:red",
+            label=f"projection onto {target} (not measured)",
+        )
+    axis.set_xscale("log")
+    axis.set_xlabel("file size (MB, log scale)")
+    axis.set_ylabel(ylabel)
+    axis.set_title(title)
+    axis.grid(True, alpha=0.3)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110)
+    plt.close(figure)
+    atomic_write_bytes(path, buffer.getvalue())
+    return True
 
 
 def write_plots(result: dict[str, Any], out: Path) -> tuple[dict[str, Path], str]:
@@ -512,65 +514,23 @@ def write_plots(result: dict[str, Any], out: Path) -> tuple[dict[str, Path], str
     points = list(latest.values())
     if not points:
         return {}, "no rows"
-    written: dict[str, Path] = {}
     where = "target" if result.get("on_target") else "host"
-
-    def scatter(
-        name: str,
-        values: list[tuple[dict[str, Any], float | None]],
-        ylabel: str,
-        title: str,
-        projection: list[tuple[dict[str, Any], float | None]] | None = None,
-    ) -> None:
-        shown = [(r, v) for r, v in values if v is not None and math.isfinite(v)]
-        if not shown:
-            return
-        figure, axis = plt.subplots(figsize=(6.4, 4.2))
-        axis.scatter([r["file_bytes"] / 1e6 for r, _ in shown], [v for _, v in shown], label=f"measured ({where})")
-        for r, v in shown:
-            axis.annotate(
-                f"{r['label']} ({r['threads']}t)",
-                (r["file_bytes"] / 1e6, v),
-                fontsize=7,
-                xytext=(3, 3),
-                textcoords="offset points",
-            )
-        if projection:
-            proj = [(r, v) for r, v in projection if v is not None and math.isfinite(v)]
-            if proj:
-                axis.scatter(
-                    [r["file_bytes"] / 1e6 for r, _ in proj],
-                    [v for _, v in proj],
-                    facecolors="none",
-                    edgecolors="tab:red",
-                    label=f"projection onto {result['target']['name']} (not measured)",
-                )
-        axis.set_xscale("log")
-        axis.set_xlabel("file size (MB, log scale)")
-        axis.set_ylabel(ylabel)
-        axis.set_title(title)
-        axis.grid(True, alpha=0.3)
-        axis.legend(fontsize=8)
-        figure.tight_layout()
-        buffer = io.BytesIO()
-        figure.savefig(buffer, format="png", dpi=110)
-        plt.close(figure)
-        path = out / name
-        atomic_write_bytes(path, buffer.getvalue())
-        written[name] = path
-
-    scatter(
-        PLOTS[0],
-        [(r, r["decode_tps"]["mean"]) for r in points],
-        "decode tokens/s",
-        "Decode speed against size",
-        [(r, r["projection"]["decode_tps"]) for r in points if r.get("projection")],
-    )
-    scatter(PLOTS[1], [(r, r["peak_rss_mb"]) for r in points], "peak RSS (MB)", "Peak memory against size")
-    scatter(
-        PLOTS[2],
-        [(r, (r.get("quality") or {}).get("perplexity")) for r in points],
-        "held-out perplexity (lower is better)",
-        "Quality against size",
-    )
+    target = (result.get("target") or {}).get("name", "")
+    plots = {
+        PLOTS[0]: (
+            [(r, r["decode_tps"]["mean"]) for r in points],
+            ("decode tokens/s", "Decode speed against size", where),
+            [(r, r["projection"]["decode_tps"]) for r in points if r.get("projection")],
+        ),
+        PLOTS[1]: ([(r, r["peak_rss_mb"]) for r in points], ("peak RSS (MB)", "Peak memory against size", where), None),
+        PLOTS[2]: (
+            [(r, (r.get("quality") or {}).get("perplexity")) for r in points],
+            ("held-out perplexity (lower is better)", "Quality against size", where),
+            None,
+        ),
+    }
+    written: dict[str, Path] = {}
+    for name, (values, labels, projection) in plots.items():
+        if _scatter_plot(plt, out / name, values, labels, projection, target):
+            written[name] = out / name
     return written, "" if written else "nothing to plot"

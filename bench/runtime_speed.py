@@ -30,17 +30,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from edgedistill.bench.env import load_average
+
 DEFAULT_PROMPT = "Once upon a time, in a small village by the sea, there lived"
 # Targets from the runtime issue: our GGUF decode at least 0.95x llama.cpp's own loop, our ONNX decode at least
 # 3x optimum's on a tiny student and no slower on the teacher.
 GGUF_TARGET = 0.95
-
-
-def _load_average() -> list[float]:
-    try:
-        return [round(value, 2) for value in os.getloadavg()]
-    except OSError:
-        return []
 
 
 def decode_rate(run: Callable[[int], int], tokens: int) -> tuple[float, int]:
@@ -192,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.tokens < 2 or args.repeats < 1 or args.threads < 1:
         parser.error("--tokens must be >= 2, --repeats and --threads >= 1")
-    load_before = _load_average()
+    load_before = load_average()
     from edgedistill.errors import EdgeDistillError
 
     try:
@@ -200,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     except EdgeDistillError as err:
         print(f"runtime_speed: error: {err}", file=sys.stderr)
         return 2
-    load_after = _load_average()
+    load_after = load_average()
     print_table(results, args.threads)
     print(f"load average before {load_before}, after {load_after} ({os.cpu_count()} CPUs)")
     print(

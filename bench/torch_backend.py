@@ -2,8 +2,8 @@
 
 Only the bench uses it, and only when torch and transformers are installed: it gives the checkpoint that an
 artifact was exported from a row of its own (float32, eager, CPU). It offers the subset of
-:class:`~edgedistill.runtime.model.LanguageModel` the harness calls: ``info``, ``tokenize``, ``_evaluate``,
-``_truncate``, ``logits``, ``close``.
+:class:`~edgedistill.runtime.model.LanguageModel` the harness calls: ``info``, ``tokenize``, ``evaluate``,
+``reset_cache``, ``logits``, ``close``.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from edgedistill._deps import require
+from edgedistill.deps import require
 from edgedistill.errors import EdgeDistillError
 from edgedistill.runtime.model import ModelInfo, resolve_context, resolve_threads
 
@@ -70,7 +70,7 @@ class TorchModel:
     def tokenize(self, text: str, add_special: bool = True) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=add_special)["input_ids"])
 
-    def _evaluate(self, token_ids: Sequence[int], start: int) -> np.ndarray:
+    def evaluate(self, token_ids: Sequence[int], start: int) -> np.ndarray:
         torch = self._torch
         if start == 0 or self._cache is None:
             from transformers import DynamicCache
@@ -94,11 +94,8 @@ class TorchModel:
         self._cache = out.past_key_values
         return out.logits[0, -1].float().numpy()
 
-    def _truncate(self, length: int) -> None:
-        if length == 0:
-            self._cache = None
-        elif self._cache is not None:
-            self._cache.crop(length)
+    def reset_cache(self) -> None:
+        self._cache = None
 
     def logits(self, token_ids: Sequence[int]) -> np.ndarray:
         torch = self._torch

@@ -25,6 +25,9 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from edgedistill.bench.stats import summarize_runs
+from edgedistill.deps import require
+
 MARKER = "@@bench "
 # A plain English prompt, repeated until it is long enough: its tokens matter little for speed, but real text keeps
 # the tokenizer's path and the attention pattern ordinary.
@@ -58,20 +61,14 @@ def _import_backend(kind: str) -> None:
     import numpy  # noqa: F401
 
     if kind == "gguf":
-        from edgedistill.runtime.model import require_module
-
-        require_module("llama_cpp")
+        require("llama_cpp")
     elif kind == "onnx":
-        from edgedistill.runtime.model import require_module
-
-        require_module("onnxruntime")
+        require("onnxruntime")
         try:
             import onnx  # noqa: F401  (the ONNX backend rewrites the graph with it)
         except ImportError:
             pass
     else:
-        from edgedistill._deps import require
-
         require("torch")
         require("transformers")
 
@@ -88,8 +85,7 @@ def _load(kind: str, path: str, threads: int, context: int) -> Any:
 
 def _load_mode(kind: str, model: Any) -> str:
     if kind == "gguf":
-        params = getattr(getattr(model, "llama", None), "model_params", None)
-        mmap = bool(getattr(params, "use_mmap", True))
+        mmap = bool(getattr(getattr(model, "llama", None), "uses_mmap", True))
         return "mmap (llama.cpp; pages are read on first use)" if mmap else "read into memory (llama.cpp, no mmap)"
     if kind == "onnx":
         engine = type(getattr(model, "engine", None)).__name__
@@ -100,11 +96,9 @@ def _load_mode(kind: str, model: Any) -> str:
 def _repetition(model: Any, ids: list[int], gen_tokens: int) -> dict[str, Any]:
     import numpy as np
 
-    if hasattr(model, "_cached"):
-        model._cached = []
-    model._truncate(0)
+    model.reset_cache()
     started = time.perf_counter()
-    logits = model._evaluate(ids, 0)
+    logits = model.evaluate(ids, 0)
     evaluated = time.perf_counter()
     token = int(np.argmax(logits))
     first = time.perf_counter()
@@ -112,13 +106,11 @@ def _repetition(model: Any, ids: list[int], gen_tokens: int) -> dict[str, Any]:
     position = len(ids)
     for _ in range(gen_tokens - 1):
         step = time.perf_counter()
-        logits = model._evaluate([token], position)
+        logits = model.evaluate([token], position)
         token = int(np.argmax(logits))
         steps.append(time.perf_counter() - step)
         position += 1
-    model._truncate(0)
-    if hasattr(model, "_cached"):
-        model._cached = []
+    model.reset_cache()
     return {"prefill_s": evaluated - started, "ttft_s": first - started, "prompt_tokens": len(ids), "step_s": steps}
 
 
@@ -158,9 +150,12 @@ def _quality(model: Any, spec: dict[str, Any]) -> dict[str, Any]:
 def _llama_perf(model: Any, reset: bool = False) -> dict[str, Any] | None:
     """llama.cpp's own timing of the measured repetitions (``llama_perf_context``): prompt batches and single-token
     decodes as its context counted them, without Python, sampling or our loop. None where the binding lacks it."""
-    llama_cpp = getattr(model, "_llama_cpp", None)
-    context = getattr(model, "_ctx", None)
-    if llama_cpp is None or context is None or not hasattr(llama_cpp, "llama_perf_context"):
+    context = getattr(getattr(model, "llama", None), "ctx", None)  # the GGUF backend's llama.cpp context
+    if context is None:
+        return None
+    import llama_cpp
+
+    if not hasattr(llama_cpp, "llama_perf_context"):
         return None
     if reset:
         llama_cpp.llama_perf_context_reset(context)
@@ -177,8 +172,8 @@ def _llama_perf(model: Any, reset: bool = False) -> dict[str, Any] | None:
 
 
 def run(spec: dict[str, Any]) -> dict[str, Any]:
+    """Load the model with the RSS sampler running, time the repetitions, then score quality (steps 1-4 above)."""
     from edgedistill.bench.rss import RssSampler, kernel_peak_rss
-    from edgedistill.bench.stats import summarize_runs
 
     cpus = spec.get("cpus")
     if cpus:
@@ -193,10 +188,34 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     load_s = time.perf_counter() - started
     sampler.sample_now()
     rss_loaded = sampler.sample_now()
+    runs = _repetitions(model, kind, spec, sampler)
+    sampler.stop()
+    llama_perf = _llama_perf(model) if kind == "gguf" else None
+    kernel_peak = kernel_peak_rss()
+    out = {
+        "info": model.info.to_dict(),
+        "load_s": load_s,
+        "load_mode": _load_mode(kind, model),
+        "cpus": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else [],
+        "load_average": [round(v, 2) for v in load_average],
+        "rss_after_load_mb": rss_loaded / 1e6,
+        **_memory(sampler, kernel_peak),
+        **_timings(runs),
+    }
+    if llama_perf:
+        out["llama_perf"] = llama_perf
+    if spec.get("quality"):
+        emit({"event": "quality"})
+        out["quality"] = _quality(model, spec)
+    model.close()
+    return out
+
+
+def _repetitions(model: Any, kind: str, spec: dict[str, Any], sampler: Any) -> list[dict[str, Any]]:
+    """``warmup + repeat`` repetitions of the same prompt, a progress event after each; the measured ones."""
     ids = prompt_ids(model.tokenize, spec["prompt_tokens"], model.info.vocab_size)
     runs = []
-    total = spec["warmup"] + spec["repeat"]
-    for index in range(total):
+    for index in range(spec["warmup"] + spec["repeat"]):
         measured = index >= spec["warmup"]
         if index == spec["warmup"] and kind == "gguf":
             _llama_perf(model, reset=True)
@@ -213,24 +232,26 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
                 "decode_tps": len(steps) / sum(steps) if steps and sum(steps) > 0 else 0.0,
             }
         )
-    sampler.stop()
-    llama_perf = _llama_perf(model) if kind == "gguf" else None
-    kernel_peak = kernel_peak_rss()
-    info = model.info.to_dict()
-    out: dict[str, Any] = {
-        "info": info,
-        "load_s": load_s,
-        "load_mode": _load_mode(kind, model),
-        "cpus": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else [],
-        "load_average": [round(v, 2) for v in load_average],
-        "rss_after_load_mb": rss_loaded / 1e6,
+    return runs
+
+
+def _memory(sampler: Any, kernel_peak: int | None) -> dict[str, Any]:
+    """The sampled RSS (baseline, peak, rate) and the kernel's high-water mark; the peak reported is the higher.
+
+    The kernel's mark cannot miss a short peak; the sampler can, while native code holds the GIL (the ONNX
+    backend's graph rewrite at load does)."""
+    return {
         "kernel_peak_rss_mb": kernel_peak / 1e6 if kernel_peak else None,
         **sampler.to_dict(),
-        # The kernel's high-water mark cannot miss a short peak; the sampler can, while native code holds the GIL
-        # (the ONNX backend's graph rewrite at load does). The peak reported is the higher of the two.
         "sampled_peak_rss_mb": sampler.peak / 1e6,
         "peak_rss_mb": max(sampler.peak, kernel_peak or 0) / 1e6,
         "peak_source": "sampled" if sampler.peak >= (kernel_peak or 0) else "kernel high-water mark (VmHWM)",
+    }
+
+
+def _timings(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The statistics over the measured repetitions, and each repetition's totals."""
+    return {
         **summarize_runs(runs),
         "runs": [
             {
@@ -242,13 +263,6 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
             for r in runs
         ],
     }
-    if llama_perf:
-        out["llama_perf"] = llama_perf
-    if spec.get("quality"):
-        emit({"event": "quality"})
-        out["quality"] = _quality(model, spec)
-    model.close()
-    return out
 
 
 def main(argv: list[str]) -> int:

@@ -295,7 +295,7 @@ class TeacherCache:
 # ------------------------------------------------------------------------------------------------------ command
 def make_cache(config: Any, progress: bool = True, on_shard: Callable[[str], None] | None = None) -> CacheManifest:
     """``edgedistill teacher-cache``: resolve the teacher, pack the data as ``distill`` will, run the teacher once."""
-    from edgedistill._deps import require
+    from edgedistill.deps import require
 
     require("torch")
     # The claim sweeps the temporary shards of a killed run; finished shards are kept and skipped.
@@ -308,7 +308,8 @@ def _make_cache(config: Any, out: Path, progress: bool, on_shard: Callable[[str]
 
     from edgedistill.distill import teacher as teachers
     from edgedistill.distill.data import load_data
-    from edgedistill.distill.heads import resolve_device, resolve_dtype
+    from edgedistill.distill.heads import resolve_dtype
+    from edgedistill.system import resolve_device
 
     if config.threads:
         torch.set_num_threads(config.threads)

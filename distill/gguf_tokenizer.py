@@ -4,7 +4,8 @@ transformers' own GGUF conversion gets byte-level BPE vocabularies wrong in ways
 SmolLM2 it reports ``<|im_start|>`` as the EOS token, prepends a BOS id that llama.cpp does not, and installs a
 SentencePiece-style decoder (FACTS.md). For ``tokenizer.ggml.model == "gpt2"`` we therefore build the tokenizer
 ourselves from the file's tokens, merges, token types and special ids with the ``tokenizers`` library; other
-tokenizer models fall back to transformers' conversion with the special ids corrected from the file.
+tokenizer models fall back to transformers' conversion with the special ids corrected from the file. The file is
+read by the shared core's GGUF reader (:mod:`edgedistill.gguf_header`).
 """
 
 from __future__ import annotations
@@ -12,34 +13,22 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from edgedistill.errors import EdgeDistillError
+from edgedistill.gguf_header import read_gguf_header, read_gguf_metadata
 
-GGUF_MAGIC = b"GGUF"
 # llama.cpp token types (gguf.TokenType): CONTROL and USER_DEFINED tokens are never split by the pre-tokenizer.
 _CONTROL, _USER_DEFINED = 3, 4
+# read_gguf_metadata (the shared core's GGUF reader) is re-exported here for the stages that read a GGUF source.
+__all__ = ["check_gguf_header", "read_gguf_metadata", "tokenizer_from_gguf"]
 
 
 def check_gguf_header(path: Path) -> None:
-    """Fail with a clear message unless ``path`` starts like a GGUF file."""
-    try:
-        with open(path, "rb") as handle:
-            magic = handle.read(4)
-    except OSError as err:
-        raise EdgeDistillError(f"{path}: cannot read: {err.strerror}") from None
-    if magic != GGUF_MAGIC:
-        raise EdgeDistillError(f"{path}: not a GGUF file (expected the magic bytes 'GGUF', got {magic!r})")
+    """Fail with a clear message unless ``path`` is a well-formed GGUF file (magic, version, metadata, tensor table
+    inside the file), by the shared core's reader; whether llama.cpp could run the model is not asked.
 
-
-def read_gguf_metadata(path: Path, prefix: str = "") -> dict[str, Any]:
-    """The file's key/value metadata whose keys start with ``prefix``, decoded to Python values."""
-    from gguf import GGUFReader
-
-    check_gguf_header(path)
-    try:
-        reader = GGUFReader(str(path))
-    except Exception as err:  # gguf-py raises ValueError, struct.error, IndexError ... on a damaged file
-        raise EdgeDistillError(f"{path}: damaged GGUF file ({type(err).__name__}: {err})") from None
-    return {key: field.contents() for key, field in reader.fields.items() if key.startswith(prefix)}
+    Raises:
+        EdgeDistillError: in one line naming the file and what is wrong with it.
+    """
+    read_gguf_header(path, check=False)
 
 
 def _pre_tokenizers(pre: str) -> list[Any] | None:

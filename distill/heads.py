@@ -14,7 +14,6 @@ import torch
 
 from edgedistill.distill.config import TrainConfig
 from edgedistill.distill.losses import chunked_distillation_loss, distillation_loss, sparse_distillation_loss
-from edgedistill.errors import EdgeDistillError
 
 
 def _direct(model: Any) -> bool:
@@ -166,15 +165,6 @@ def cpu_has_native_bf16() -> bool:
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def resolve_device(choice: str) -> torch.device:
-    """``--device``: ``auto`` (CUDA when present, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``."""
-    if choice == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if choice.startswith("cuda") and not torch.cuda.is_available():
-        raise EdgeDistillError(f"device: '{choice}' was asked for but no CUDA device is available")
-    return torch.device(choice)
 
 
 def resolve_dtype(choice: str, device: torch.device) -> torch.dtype:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edgedistill._deps import require
+from edgedistill.deps import require
 from edgedistill.distill.gguf_tokenizer import check_gguf_header, tokenizer_from_gguf
 from edgedistill.errors import EdgeDistillError
 

@@ -1,9 +1,10 @@
-"""The distillation recipe: setup -> loop -> save.
+"""The distillation recipe: :func:`train` reads setup -> loop -> save, one function a stage.
 
-Reads top to bottom like torchtune's KD recipe: resolve the teacher, build the student, audit the vocabulary, load
-the data, then train with AdamW and a cosine schedule, checkpointing atomically, and finally evaluate on the
-held-out split and write a Hugging Face checkpoint with ``train_summary.json``. Under ``torchrun`` it runs DDP
-(gloo on CPU, NCCL on CUDA); rank 0 writes.
+``_setup`` resolves the teacher (or its cache), builds the student, audits the vocabulary, loads the data, builds
+the objective and AdamW with a warm-up + cosine schedule, and loads a resumed run's checkpoint; ``_train_loop``
+steps, appending to ``metrics.jsonl`` and checkpointing atomically; ``_save`` evaluates on the held-out split and
+writes a Hugging Face checkpoint with ``train_summary.json``. The files of the run directory are
+:mod:`edgedistill.distill.checkpoint`'s. Under ``torchrun`` it runs DDP (gloo on CPU, NCCL on CUDA); rank 0 writes.
 """
 
 from __future__ import annotations
@@ -12,19 +13,30 @@ import contextlib
 import json
 import math
 import os
-import pickle
-import shutil
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from edgedistill import __version__
-from edgedistill._deps import require
+from edgedistill.deps import require
 from edgedistill.distill import teacher as teachers
-from edgedistill.distill.config import TrainConfig
-from edgedistill.distill.data import PackedData, load_data
+from edgedistill.distill.checkpoint import (
+    CHECKPOINT,
+    METRICS,
+    SUMMARY,
+    load_checkpoint,
+    metrics_through,
+    plot_losses,
+    prepare_out,
+    save_checkpoint,
+    save_final,
+)
+from edgedistill.distill.config import SHAPE_FIELDS, TrainConfig
+from edgedistill.distill.data import DataStats, PackedData, load_data
 from edgedistill.distill.student import (
+    VocabAudit,
     audit_vocab,
     build_student,
     init_from_teacher,
@@ -32,13 +44,7 @@ from edgedistill.distill.student import (
     resolve_shape,
 )
 from edgedistill.errors import EdgeDistillError
-from edgedistill.files import atomic_write_text, claim, make_temp_dir, publish, temp_path
-
-CHECKPOINT = "checkpoint.pt"
-METRICS = "metrics.jsonl"
-SUMMARY = "train_summary.json"
-# Settings a resumed run may change; anything else would make the resumed run a different run.
-RESUMABLE_CHANGES = {"resume", "log_every", "save_every", "threads", "device", "eval_tokens", "out"}
+from edgedistill.files import atomic_write_text, claim
 
 StepHook = Callable[[int, dict[str, float]], None]
 
@@ -50,20 +56,11 @@ class _Distributed:
     def __init__(self, requested_device: str) -> None:
         import torch
 
-        from edgedistill.distill.heads import resolve_device
+        from edgedistill.system import resolve_device
 
         self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        if requested_device.startswith("cuda"):
-            available = torch.cuda.device_count() if torch.cuda.is_available() else 0
-            index = int(requested_device.partition(":")[2] or 0)
-            if index >= available:
-                accepted = "auto or cpu" if not available else f"auto, cpu, cuda or cuda:0..{available - 1}"
-                raise EdgeDistillError(
-                    f"device: {requested_device!r} was asked for but this machine has {available} CUDA device(s); "
-                    f"expected {accepted}"
-                )
         device = resolve_device(requested_device)
         if device.type == "cuda" and device.index is None and self.world_size > 1:
             device = torch.device(f"cuda:{local_rank}")
@@ -115,7 +112,7 @@ def _lr_lambda(config: TrainConfig) -> Callable[[int], float]:
     return factor
 
 
-class _BatchOrder:
+class BatchOrder:
     """Which packed rows form micro-batch ``m`` on this rank: a DistributedSampler order per epoch, so the order is
     a pure function of (seed, step) and a resumed run sees exactly the batches the interrupted one would have."""
 
@@ -135,12 +132,14 @@ class _BatchOrder:
         return self._orders[epoch]
 
     def rows(self, micro_batch: int) -> list[int]:
+        """The packed rows of micro-batch ``micro_batch``, counted over the whole run (epochs follow each other)."""
         first = micro_batch * self.batch_size
         return [self._order(p // self.per_epoch)[p % self.per_epoch] for p in range(first, first + self.batch_size)]
 
 
-def _batch(data: PackedData, rows: list[int] | slice, device: Any) -> tuple[Any, Any, Any, Any]:
-    """(inputs [B, L], positions [N], labels [N], weights [N]) for the supervised positions of some rows."""
+def supervised_batch(data: PackedData, rows: list[int] | slice, device: Any) -> tuple[Any, Any, Any, Any]:
+    """(inputs [B, L], positions [N], labels [N], weights [N]) of packed ``rows``: the inputs are each row but its
+    last token, ``positions`` index the supervised (weight > 0) targets in the flattened [B * L] inputs."""
     import torch
 
     ids = torch.from_numpy(data.ids[rows]).long()
@@ -210,6 +209,24 @@ def _first_non_finite(sums: list[float]) -> tuple[str, float] | None:
     return None
 
 
+def _stopped(step: int, err: NonFiniteLoss, out: Path, last_saved: int | None) -> EdgeDistillError:
+    """The error that ends a run whose step ``step`` went non-finite; that step is never saved."""
+    if last_saved is None:
+        kept = "no checkpoint had been written yet"
+    else:
+        kept = f"the last good checkpoint, step {last_saved}, is kept in {out / CHECKPOINT}"
+    return EdgeDistillError(f"step {step}: {err}; training stopped without saving it and {kept}; try a lower --lr")
+
+
+def _check_weights(model: Any) -> None:
+    """Raise :class:`NonFiniteLoss` naming the first weight that holds a NaN or infinity."""
+    import torch
+
+    bad = next((name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())), None)
+    if bad is not None:
+        raise NonFiniteLoss(f"weight {bad}", float("nan"))
+
+
 TeacherFor = Callable[[str, Any, Any, Any], "dict[str, Any] | None"]
 
 
@@ -243,7 +260,7 @@ def evaluate(
     with torch.no_grad():
         for start in range(0, data.num_sequences, batch_size):
             rows = slice(start, start + batch_size)
-            inputs, positions, labels, weights = _batch(data, rows, device)
+            inputs, positions, labels, weights = supervised_batch(data, rows, device)
             if len(positions) == 0:
                 continue
             # hidden states, or whole logits for heads that post-process them
@@ -285,174 +302,16 @@ def evaluate(
     return result
 
 
-# ----------------------------------------------------------------------------------------------------------- saving
-def _save_checkpoint(
-    out: Path, step: int, model: Any, optimizer: Any, scheduler: Any, config: TrainConfig, data_sha256: str
-) -> None:
-    import torch
-
-    bad = next((name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())), None)
-    if bad is not None:
-        raise NonFiniteLoss(f"weight {bad}", float("nan"))
-    # Only tensors and plain data (dicts, lists, numbers, strings): _load_checkpoint reads it with weights_only.
-    state = {
-        "step": step,
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "config": config.to_dict(),
-        "data_sha256": data_sha256,
-        "version": __version__,
-    }
-    tmp = temp_path(out, CHECKPOINT)
-    try:
-        torch.save(state, tmp)
-        publish(tmp, out / CHECKPOINT)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _stopped(step: int, err: NonFiniteLoss, out: Path, last_saved: int | None) -> EdgeDistillError:
-    """The error that ends a run whose step ``step`` went non-finite; that step is never saved."""
-    if last_saved is None:
-        kept = "no checkpoint had been written yet"
-    else:
-        kept = f"the last good checkpoint, step {last_saved}, is kept in {out / CHECKPOINT}"
-    return EdgeDistillError(f"step {step}: {err}; training stopped without saving it and {kept}; try a lower --lr")
-
-
-def _load_checkpoint(out: Path, config: TrainConfig, data_sha256: str) -> dict[str, Any] | None:
-    import torch
-
-    path = out / CHECKPOINT
-    if not path.is_file():
-        return None  # nothing to resume: --resume starts the run, so that reruns of a script just continue
-    try:
-        # weights_only: a checkpoint is data; unpickling arbitrary objects would run whatever code a planted file names
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        if "Unsupported global" not in str(err):  # torch names a refused object so; anything else: a damaged file
-            raise EdgeDistillError(
-                f"resume: {path} cannot be read (not a checkpoint file); delete it to start the run over"
-            ) from None
-        raise EdgeDistillError(
-            f"resume: {path} holds objects other than tensors and plain data, which are not loaded because "
-            "unpickling them can run code; delete it to start the run over"
-        ) from None
-    except Exception as err:
-        raise EdgeDistillError(
-            f"resume: {path} cannot be read ({type(err).__name__}); delete it to start the run over"
-        ) from None
-    expected = {"step": int, "model": dict, "optimizer": dict, "scheduler": dict, "config": dict, "data_sha256": str}
-    wrong = [k for k, kind in expected.items() if not isinstance(state, dict) or not isinstance(state.get(k), kind)]
-    if wrong:
-        raise EdgeDistillError(f"resume: {path} is not an edgedistill training checkpoint (no valid '{wrong[0]}')")
-    if not 0 <= state["step"] <= config.steps:
-        raise EdgeDistillError(f"resume: {path} is at step {state['step']}, outside this run's 0..{config.steps}")
-    saved, current = state["config"], config.to_dict()
-    defaults = TrainConfig().to_dict()  # a setting added after the checkpoint was written had its default then
-    for name, value in current.items():
-        if name not in RESUMABLE_CHANGES and saved.get(name, defaults[name]) != value:
-            raise EdgeDistillError(
-                f"resume: {name} is {value!r} but the checkpoint in {out} was trained with {saved.get(name)!r}"
-            )
-    if state["data_sha256"] != data_sha256:
-        raise EdgeDistillError(f"resume: the data differ from those the checkpoint in {out} was trained on")
-    return state
-
-
-def _save_final(out: Path, student: Any, tokenizer: Any) -> None:
-    """The Hugging Face checkpoint (config, safetensors, tokenizer, chat template), each file renamed into place."""
-    staging = make_temp_dir(out, "final")
-    try:
-        student.save_pretrained(staging, safe_serialization=True)
-        tokenizer.save_pretrained(staging)
-        files = sorted(staging.iterdir(), key=lambda p: p.suffix == ".safetensors")  # weights land last
-        for file in files:
-            publish(file, out / file.name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
-def _plot_losses(metrics_path: Path, png_path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-    if not rows:
-        return
-    figure, axes = plt.subplots(figsize=(7, 4))
-    steps = [r["step"] for r in rows]
-    for key, label in (("loss", "total"), ("ce", "CE"), ("kd", "KD")):
-        values = [r.get(key) for r in rows]
-        if all(v is not None for v in values):
-            axes.plot(steps, values, label=label)
-    axes.set_xlabel("step")
-    axes.set_ylabel("loss")
-    axes.set_title("edgedistill training loss")
-    axes.legend()
-    axes.grid(alpha=0.3)
-    figure.tight_layout()
-    tmp = temp_path(png_path.parent, png_path.name)
-    figure.savefig(tmp, dpi=100, format="png")
-    plt.close(figure)
-    publish(tmp, png_path)
-
-
-def _metrics_through(path: Path, last_step: int) -> str:
-    """The rows of ``metrics.jsonl`` up to ``last_step`` (those of the resumed checkpoint), as text.
-
-    An unreadable last line is the torn end of a write that a kill interrupted: it is dropped with a note. Any
-    other unreadable line means the file was damaged, and resuming would silently lose its history: an error."""
-    lines = path.read_bytes().split(b"\n")
-    if lines and not lines[-1]:
-        lines.pop()  # the file ends with a newline
-    kept = []
-    for number, raw in enumerate(lines, start=1):
-        if not raw.strip():
-            continue
-        try:
-            row = json.loads(raw)
-            if not isinstance(row, dict) or not isinstance(row.get("step"), int):
-                raise ValueError("no integer 'step'")
-        except (ValueError, RecursionError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-            if number == len(lines):
-                print(f"resume: dropped the incomplete last line {number} of {path} (an interrupted write)")
-                break
-            reason = err.msg if isinstance(err, json.JSONDecodeError) else str(err).splitlines()[0][:80]
-            raise EdgeDistillError(
-                f"{path}:{number}: not a metrics row ({reason}); repair or delete the file to resume"
-            ) from None
-        if row["step"] <= last_step:
-            kept.append(raw.decode("utf-8") + "\n")
-    return "".join(kept)
-
-
-def _prepare_out(out: Path, resume: bool) -> None:
-    """Refuse to start over a finished or running run unless resuming (the claim made ``out`` and swept it)."""
-    if not resume and ((out / CHECKPOINT).exists() or (out / SUMMARY).exists()):
-        raise EdgeDistillError(f"out: {out} already holds a run; pass --resume to continue it or choose another --out")
-
-
 # ----------------------------------------------------------------------------------------------------------- recipe
 def train(config: TrainConfig, on_step: StepHook | None = None, progress: bool = True) -> dict[str, Any]:
     """Run one distillation and return its summary (also written to ``OUT/train_summary.json``).
 
     ``on_step(step, metrics)`` is called after every optimizer step (and after that step's checkpoint).
     """
-    torch = require("torch")
+    require("torch")
     require("transformers")
-    from tqdm import tqdm
-
-    from edgedistill.distill.cache import TeacherCache, ids_sha256, tokenizer_sha256
-    from edgedistill.distill.heads import DistillationObjective, release_free_memory, resolve_dtype
-
     if not config.out:
         raise EdgeDistillError("out: expected an output directory (--out DIR)")
-    # ---------------------------------------------------------------- setup
     out = Path(config.out)
     if config.resume and (out / SUMMARY).is_file() and not (out / CHECKPOINT).exists():
         return json.loads((out / SUMMARY).read_text())  # finished already: nothing to resume
@@ -461,223 +320,355 @@ def train(config: TrainConfig, on_step: StepHook | None = None, progress: bool =
     try:
         if dist.is_main:  # only rank 0 writes to OUT; the claim sweeps what a killed run left there
             held.enter_context(claim(out, "out"))
-            _prepare_out(out, config.resume)
-        if config.threads:
-            torch.set_num_threads(config.threads)
-        torch.manual_seed(config.seed)
-        device = dist.device
-
-        cache = None
-        if config.teacher_cache:  # the teacher's tokenizer and configuration come with the cache; no weights
-            from transformers import AutoConfig, AutoTokenizer
-
-            cache = TeacherCache(Path(config.teacher_cache))
-            if config.init == "teacher":
-                raise EdgeDistillError(
-                    "init: --init teacher needs the teacher's weights, which a --teacher-cache run does not load"
-                )
-            if config.loss != "fkl" and config.alpha < 1.0:
-                raise EdgeDistillError(
-                    f"loss: a teacher cache holds a top-K, which supports fkl only, got {config.loss}"
-                )
-            tokenizer = AutoTokenizer.from_pretrained(config.teacher_cache)
-            teacher_config = AutoConfig.from_pretrained(config.teacher_cache)
-            teacher_info = dict(cache.manifest.teacher, cache=config.teacher_cache, top_k=cache.manifest.top_k)
-        else:
-            source = teachers.resolve_teacher(config.teacher)
-            tokenizer = teachers.load_tokenizer(source)
-            teacher_config = teachers.load_config(source)
-            teacher_info = {
-                "spec": config.teacher,
-                "name": source.name,
-                "path": str(source.path),
-                "sha256": source.fingerprint(),
-            }
-        student_tokenizer = None
-        if Path(config.student).is_dir():
-            student, student_tokenizer = load_student_checkpoint(Path(config.student))
-        else:
-            student = build_student(resolve_shape(config.student, teacher_config), teacher_config, tokenizer)
-        audit = audit_vocab(tokenizer, teacher_config.vocab_size, student.config.vocab_size, student_tokenizer)
-        train_data, heldout, stats = load_data(
-            config.data,
-            tokenizer,
-            config.seq_len,
-            config.val_fraction,
-            config.tag_weight,
-            config.skip_bad_lines,
-            config.train_tokens,
-            config.heldout_tokens,
-        )
-        if stats.bad_lines and dist.is_main:
-            print(f"skipped {stats.bad_lines} malformed line(s); first: {stats.bad_examples[0]}")
-        if cache is not None:
-            cache.check_run(config.seq_len, ids_sha256(train_data.ids, heldout.ids), tokenizer_sha256(tokenizer))
-
-        needs_teacher = config.alpha < 1.0 and cache is None
-        teacher = None
-        if config.init == "teacher":  # copy full-precision weights, then run the teacher in its own dtype
-            teacher = teachers.load_model(source, torch.float32, device)
-            init_from_teacher(student, teacher)
-            teacher = teacher.to(resolve_dtype(config.teacher_dtype, device)) if needs_teacher else None
-        elif needs_teacher:
-            teacher = teachers.load_model(source, resolve_dtype(config.teacher_dtype, device), device)
-        # CE-only (alpha 1): no teacher in memory while training; it is loaded for the final evaluation only.
-        student.to(device).train()
-        student_params = sum(p.numel() for p in student.parameters())
-        release_free_memory()
-
-        objective: Any = DistillationObjective(student, config, dtype=resolve_dtype(config.precision, device))
-        if dist.world_size > 1:
-            from torch.nn.parallel import DistributedDataParallel
-
-            objective = DistributedDataParallel(objective, device_ids=[device] if device.type == "cuda" else None)
-        if cache is not None:
-            teacher_for: TeacherFor | None = cached_teacher(cache) if config.alpha < 1.0 else None
-        else:
-            teacher_for = online_teacher(teacher) if teacher is not None else None
-
-        optimizer, scheduler = make_optimizer(student, config)
-        start_step = 0
-        metrics_path = out / METRICS
-        state = _load_checkpoint(out, config, stats.sha256) if config.resume else None
-        if state is not None:
-            try:
-                student.load_state_dict(state["model"])
-                optimizer.load_state_dict(state["optimizer"])
-                scheduler.load_state_dict(state["scheduler"])
-            except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as err:
-                detail = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
-                raise EdgeDistillError(f"resume: {out / CHECKPOINT} does not fit this run ({detail})") from None
-            start_step = state["step"]
-            if dist.is_main and metrics_path.exists():  # drop rows of steps the checkpoint does not contain
-                atomic_write_text(metrics_path, _metrics_through(metrics_path, start_step))
-        elif dist.is_main:
-            metrics_path.unlink(missing_ok=True)
+            prepare_out(out, config.resume)
+        run = _setup(config, dist, out)
+        final_metrics, train_seconds = _train_loop(run, config, dist, on_step, progress)
         dist.barrier()
-
-        # ---------------------------------------------------------------- loop
-        order = _BatchOrder(train_data.num_sequences, config.batch_size, config.seed, dist.world_size, dist.rank)
-        tokens_per_step = config.batch_size * config.seq_len * config.grad_accum * dist.world_size
-        progress_bar = tqdm(
-            total=config.steps,
-            initial=start_step,
-            disable=not (progress and dist.is_main),
-            unit="step",
-            dynamic_ncols=True,
-        )
-        started = time.perf_counter()
-        metrics: dict[str, float] = {}
-        micro_batches: list[tuple[Any, ...]] = []  # none when the run resumes from its final step's checkpoint
-        last_saved = start_step if state is not None else None
-        with progress_bar as bar:  # closed before an error is printed, so it ends its own line
-            for step in range(start_step + 1, config.steps + 1):
-                step_start = time.perf_counter()
-                micro_batches = []
-                for micro in range(config.grad_accum):
-                    rows = order.rows((step - 1) * config.grad_accum + micro)
-                    inputs, positions, labels, weights = _batch(train_data, rows, device)
-                    teacher = teacher_for("train", rows, inputs, positions) if teacher_for is not None else None
-                    micro_batches.append((inputs, positions, labels, weights, teacher))
-                try:
-                    sums, grad_norm = train_step(objective, micro_batches, optimizer, scheduler, config.grad_clip)
-                    loss_value, ce_value, kd_value = dist.all_mean(sums)
-                    non_finite = _first_non_finite([loss_value, ce_value, kd_value])
-                    if non_finite:  # the mean over ranks, so that every rank stops at the same step
-                        raise NonFiniteLoss(*non_finite)
-                except NonFiniteLoss as err:
-                    raise _stopped(step, err, out, last_saved) from None
-                seconds = time.perf_counter() - step_start
-                metrics = {
-                    "step": step,
-                    "loss": loss_value,
-                    "ce": ce_value,
-                    "kd": kd_value if teacher_for is not None else None,
-                    "lr": scheduler.get_last_lr()[0],
-                    "grad_norm": grad_norm,
-                    "seconds": seconds,
-                    "tokens_per_second": tokens_per_step / seconds,
-                }
-                if dist.is_main:
-                    if step % config.log_every == 0 or step == config.steps:
-                        with open(metrics_path, "a", encoding="utf-8") as log:
-                            log.write(json.dumps(metrics) + "\n")
-                    # the checkpoint after its row: a kill between the two leaves a row that a resume drops
-                    if step % config.save_every == 0 or step == config.steps:
-                        try:
-                            _save_checkpoint(out, step, student, optimizer, scheduler, config, stats.sha256)
-                        except NonFiniteLoss as err:
-                            raise _stopped(step, err, out, last_saved) from None
-                        last_saved = step
-                    postfix = {"loss": f"{loss_value:.3f}", "ce": f"{ce_value:.3f}"}
-                    if teacher_for is not None:
-                        postfix["kd"] = f"{kd_value:.3f}"
-                    postfix["tok/s"] = f"{metrics['tokens_per_second']:.0f}"
-                    bar.set_postfix(postfix, refresh=False)
-                    bar.update(1)
-                if on_step is not None:
-                    on_step(step, metrics)
-        train_seconds = time.perf_counter() - started
-        dist.barrier()
-
-        # ---------------------------------------------------------------- save
-        summary: dict[str, Any] = {}
-        if dist.is_main:
-            del optimizer, micro_batches
-            if cache is not None:
-                teacher_for = cached_teacher(cache)
-            elif teacher is None:  # CE-only training: the teacher is needed now, for the comparison
-                teacher = teachers.load_model(source, resolve_dtype(config.teacher_dtype, device), device)
-                teacher_for = online_teacher(teacher)
-            result = evaluate(student, teacher_for, heldout, config.batch_size, device, config.eval_tokens)
-            teacher = teacher_for = objective = None
-            _save_final(out, student, tokenizer)
-            (out / CHECKPOINT).unlink(missing_ok=True)  # the run is complete: the final checkpoint replaces it
-            steps_run = config.steps - start_step
-            summary = {
-                "edgedistill_version": __version__,
-                "teacher": dict(teacher_info, vocab_rows=audit.teacher_rows),
-                "student": {
-                    "spec": config.student,
-                    "parameters": student_params,
-                    "shape": {
-                        k: getattr(student.config, k)
-                        for k in (
-                            "hidden_size",
-                            "num_hidden_layers",
-                            "num_attention_heads",
-                            "num_key_value_heads",
-                            "intermediate_size",
-                            "vocab_size",
-                        )
-                    },
-                },
-                "vocab": {"tokenizer_size": audit.tokenizer_size, "shared_rows": audit.shared_rows},
-                "data": {
-                    "files": stats.files,
-                    "records": stats.records,
-                    "bad_lines": stats.bad_lines,
-                    "train_tokens": stats.train_tokens,
-                    "heldout_tokens": stats.heldout_tokens,
-                    "tag_tokens": stats.tag_tokens,
-                    "sha256": stats.sha256,
-                },
-                "train": {
-                    "steps": config.steps,
-                    "resumed_from": start_step,
-                    "seconds": train_seconds,
-                    "tokens_per_second": steps_run * tokens_per_step / train_seconds if steps_run else None,
-                    "final": metrics,
-                    "world_size": dist.world_size,
-                    "device": str(device),
-                },
-                "heldout": result,
-                "config": config.to_dict(),
-            }
-            atomic_write_text(out / SUMMARY, json.dumps(summary, indent=2) + "\n")
-            _plot_losses(metrics_path, out / "loss_curve.png")
+        summary = _save(run, config, dist, final_metrics, train_seconds) if dist.is_main else {}
         dist.barrier()
         return summary
     finally:
         held.close()
         dist.close()
+
+
+@dataclass
+class _Run:
+    """What setup hands the loop and the save: models, data and optimizer on this rank's device."""
+
+    out: Path
+    device: Any
+    source: teachers.TeacherSource | None  # None when a teacher cache stands in for the teacher
+    cache: Any  # a TeacherCache, or None
+    tokenizer: Any
+    teacher_info: dict[str, Any]
+    student: Any
+    student_params: int
+    audit: VocabAudit
+    train_data: PackedData
+    heldout: PackedData
+    stats: DataStats
+    objective: Any  # the DistillationObjective, inside DistributedDataParallel under torchrun
+    teacher_for: TeacherFor | None  # None: CE only (alpha 1)
+    optimizer: Any
+    scheduler: Any
+    resumed_step: int | None  # the step of the checkpoint this run resumed from; None: a fresh run
+
+    @property
+    def start_step(self) -> int:
+        return self.resumed_step or 0
+
+
+# ---------------------------------------------------------------- setup
+def _setup(config: TrainConfig, dist: _Distributed, out: Path) -> _Run:
+    """Seed, resolve the teacher (or its cache), build the student, audit the vocabulary, load the data, build the
+    objective and optimizer, and load the checkpoint of a resumed run."""
+    import torch
+
+    from edgedistill.distill.cache import ids_sha256, tokenizer_sha256
+    from edgedistill.distill.heads import DistillationObjective, release_free_memory, resolve_dtype
+
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)
+    device = dist.device
+    cache, source, tokenizer, teacher_config, teacher_info = _resolve_teacher(config)
+    student, audit = _make_student(config, teacher_config, tokenizer)
+    train_data, heldout, stats = load_data(
+        config.data,
+        tokenizer,
+        config.seq_len,
+        config.val_fraction,
+        config.tag_weight,
+        config.skip_bad_lines,
+        config.train_tokens,
+        config.heldout_tokens,
+    )
+    if stats.bad_lines and dist.is_main:
+        print(f"skipped {stats.bad_lines} malformed line(s); first: {stats.bad_examples[0]}")
+    if cache is not None:
+        cache.check_run(config.seq_len, ids_sha256(train_data.ids, heldout.ids), tokenizer_sha256(tokenizer))
+
+    teacher = _training_teacher(config, source, student, device)
+    student.to(device).train()
+    student_params = sum(p.numel() for p in student.parameters())
+    release_free_memory()
+
+    objective: Any = DistillationObjective(student, config, dtype=resolve_dtype(config.precision, device))
+    if dist.world_size > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        objective = DistributedDataParallel(objective, device_ids=[device] if device.type == "cuda" else None)
+    if cache is not None:
+        teacher_for: TeacherFor | None = cached_teacher(cache) if config.alpha < 1.0 else None
+    else:
+        teacher_for = online_teacher(teacher) if teacher is not None else None
+
+    optimizer, scheduler = make_optimizer(student, config)
+    resumed_step = _restore(out, config, stats.sha256, student, optimizer, scheduler, dist.is_main)
+    dist.barrier()
+    return _Run(
+        out=out,
+        device=device,
+        source=source,
+        cache=cache,
+        tokenizer=tokenizer,
+        teacher_info=teacher_info,
+        student=student,
+        student_params=student_params,
+        audit=audit,
+        train_data=train_data,
+        heldout=heldout,
+        stats=stats,
+        objective=objective,
+        teacher_for=teacher_for,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        resumed_step=resumed_step,
+    )
+
+
+def _resolve_teacher(config: TrainConfig) -> tuple[Any, teachers.TeacherSource | None, Any, Any, dict[str, Any]]:
+    """(cache, source, tokenizer, teacher configuration, teacher info for the summary). A teacher cache brings the
+    teacher's tokenizer and configuration but no weights: then ``source`` is None."""
+    if not config.teacher_cache:
+        source = teachers.resolve_teacher(config.teacher)
+        tokenizer = teachers.load_tokenizer(source)
+        teacher_config = teachers.load_config(source)
+        info = {"spec": config.teacher, "name": source.name, "path": str(source.path), "sha256": source.fingerprint()}
+        return None, source, tokenizer, teacher_config, info
+    from transformers import AutoConfig, AutoTokenizer
+
+    from edgedistill.distill.cache import TeacherCache
+
+    cache = TeacherCache(Path(config.teacher_cache))
+    if config.init == "teacher":
+        raise EdgeDistillError(
+            "init: --init teacher needs the teacher's weights, which a --teacher-cache run does not load"
+        )
+    if config.loss != "fkl" and config.alpha < 1.0:
+        raise EdgeDistillError(f"loss: a teacher cache holds a top-K, which supports fkl only, got {config.loss}")
+    tokenizer = AutoTokenizer.from_pretrained(config.teacher_cache)
+    teacher_config = AutoConfig.from_pretrained(config.teacher_cache)
+    info = dict(cache.manifest.teacher, cache=config.teacher_cache, top_k=cache.manifest.top_k)
+    return cache, None, tokenizer, teacher_config, info
+
+
+def _make_student(config: TrainConfig, teacher_config: Any, tokenizer: Any) -> tuple[Any, VocabAudit]:
+    """The student (a checkpoint directory, or built to a preset or shape file) and its vocabulary audit."""
+    student_tokenizer = None
+    if Path(config.student).is_dir():
+        student, student_tokenizer = load_student_checkpoint(Path(config.student))
+    else:
+        student = build_student(resolve_shape(config.student, teacher_config), teacher_config, tokenizer)
+    audit = audit_vocab(tokenizer, teacher_config.vocab_size, student.config.vocab_size, student_tokenizer)
+    return student, audit
+
+
+def _training_teacher(config: TrainConfig, source: teachers.TeacherSource | None, student: Any, device: Any) -> Any:
+    """The teacher model the loop runs, or None: a cache run (``source`` None), or CE only (alpha 1), where no
+    teacher is in memory while training (the final evaluation loads it). ``--init teacher`` first copies the
+    teacher's full-precision weights into ``student``, then runs the teacher in its own dtype."""
+    import torch
+
+    from edgedistill.distill.heads import resolve_dtype
+
+    needs_teacher = config.alpha < 1.0 and source is not None
+    if config.init == "teacher":
+        teacher = teachers.load_model(source, torch.float32, device)
+        init_from_teacher(student, teacher)
+        return teacher.to(resolve_dtype(config.teacher_dtype, device)) if needs_teacher else None
+    if needs_teacher:
+        return teachers.load_model(source, resolve_dtype(config.teacher_dtype, device), device)
+    return None
+
+
+def _restore(
+    out: Path, config: TrainConfig, data_sha256: str, student: Any, optimizer: Any, scheduler: Any, is_main: bool
+) -> int | None:
+    """Load a resumed run's checkpoint into the student, optimizer and scheduler and return its step, after dropping
+    the metrics rows of later steps; None for a fresh run, whose stale metrics file is removed."""
+    metrics_path = out / METRICS
+    state = load_checkpoint(out, config, data_sha256) if config.resume else None
+    if state is None:
+        if is_main:
+            metrics_path.unlink(missing_ok=True)
+        return None
+    try:
+        student.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+    except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as err:
+        detail = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+        raise EdgeDistillError(f"resume: {out / CHECKPOINT} does not fit this run ({detail})") from None
+    if is_main and metrics_path.exists():  # drop rows of steps the checkpoint does not contain
+        atomic_write_text(metrics_path, metrics_through(metrics_path, state["step"]))
+    return state["step"]
+
+
+# ---------------------------------------------------------------- loop
+def _train_loop(
+    run: _Run, config: TrainConfig, dist: _Distributed, on_step: StepHook | None, progress: bool
+) -> tuple[dict[str, Any], float]:
+    """Steps ``start_step + 1 .. steps``; rank 0 logs each to ``metrics.jsonl`` and checkpoints. Returns the last
+    step's metrics (empty when the run resumed from its final step's checkpoint) and the loop's seconds."""
+    from tqdm import tqdm
+
+    order = BatchOrder(run.train_data.num_sequences, config.batch_size, config.seed, dist.world_size, dist.rank)
+    tokens_per_step = _tokens_per_step(config, dist.world_size)
+    progress_bar = tqdm(
+        total=config.steps,
+        initial=run.start_step,
+        disable=not (progress and dist.is_main),
+        unit="step",
+        dynamic_ncols=True,
+    )
+    started = time.perf_counter()
+    metrics: dict[str, Any] = {}
+    last_saved = run.resumed_step
+    with progress_bar as bar:  # closed before an error is printed, so it ends its own line
+        for step in range(run.start_step + 1, config.steps + 1):
+            step_start = time.perf_counter()
+            try:
+                (loss_value, ce_value, kd_value), grad_norm = _optimizer_step(run, config, dist, order, step)
+            except NonFiniteLoss as err:
+                raise _stopped(step, err, run.out, last_saved) from None
+            seconds = time.perf_counter() - step_start
+            metrics = {
+                "step": step,
+                "loss": loss_value,
+                "ce": ce_value,
+                "kd": kd_value if run.teacher_for is not None else None,
+                "lr": run.scheduler.get_last_lr()[0],
+                "grad_norm": grad_norm,
+                "seconds": seconds,
+                "tokens_per_second": tokens_per_step / seconds,
+            }
+            if dist.is_main:
+                last_saved = _log_and_checkpoint(run, config, step, metrics, last_saved)
+                postfix = {"loss": f"{loss_value:.3f}", "ce": f"{ce_value:.3f}"}
+                if run.teacher_for is not None:
+                    postfix["kd"] = f"{kd_value:.3f}"
+                postfix["tok/s"] = f"{metrics['tokens_per_second']:.0f}"
+                bar.set_postfix(postfix, refresh=False)
+                bar.update(1)
+            if on_step is not None:
+                on_step(step, metrics)
+    return metrics, time.perf_counter() - started
+
+
+def _tokens_per_step(config: TrainConfig, world_size: int) -> int:
+    return config.batch_size * config.seq_len * config.grad_accum * world_size
+
+
+def _optimizer_step(
+    run: _Run, config: TrainConfig, dist: _Distributed, order: BatchOrder, step: int
+) -> tuple[list[float], float]:
+    """Step ``step``: its ``grad_accum`` micro-batches with the teacher's signal, one :func:`train_step`, and the
+    ([loss, ce, kd] means over ranks, grad norm). A non-finite mean raises :class:`NonFiniteLoss` on every rank."""
+    micro_batches = []
+    for micro in range(config.grad_accum):
+        rows = order.rows((step - 1) * config.grad_accum + micro)
+        inputs, positions, labels, weights = supervised_batch(run.train_data, rows, run.device)
+        signal = run.teacher_for("train", rows, inputs, positions) if run.teacher_for is not None else None
+        micro_batches.append((inputs, positions, labels, weights, signal))
+    sums, grad_norm = train_step(run.objective, micro_batches, run.optimizer, run.scheduler, config.grad_clip)
+    means = dist.all_mean(sums)
+    non_finite = _first_non_finite(means)
+    if non_finite:  # the mean over ranks, so that every rank stops at the same step
+        raise NonFiniteLoss(*non_finite)
+    return means, grad_norm
+
+
+def _log_and_checkpoint(
+    run: _Run, config: TrainConfig, step: int, metrics: dict[str, Any], last_saved: int | None
+) -> int | None:
+    """Rank 0's writes after ``step``: its metrics row every ``log_every`` steps, a checkpoint every ``save_every``
+    (both at the last step). Returns the step of the checkpoint now in OUT."""
+    if step % config.log_every == 0 or step == config.steps:
+        with open(run.out / METRICS, "a", encoding="utf-8") as log:
+            log.write(json.dumps(metrics) + "\n")
+    # the checkpoint after its row: a kill between the two leaves a row that a resume drops
+    if step % config.save_every == 0 or step == config.steps:
+        try:
+            _check_weights(run.student)  # a step that broke a weight must not replace the last good checkpoint
+            save_checkpoint(run.out, step, run.student, run.optimizer, run.scheduler, config, run.stats.sha256)
+        except NonFiniteLoss as err:
+            raise _stopped(step, err, run.out, last_saved) from None
+        return step
+    return last_saved
+
+
+# ---------------------------------------------------------------- save
+def _save(
+    run: _Run, config: TrainConfig, dist: _Distributed, final_metrics: dict[str, Any], train_seconds: float
+) -> dict[str, Any]:
+    """Rank 0: evaluate on the held-out split, write the Hugging Face checkpoint in place of the training
+    checkpoint, then ``train_summary.json`` and the loss plot. Returns the summary."""
+    run.optimizer = run.scheduler = None  # AdamW's moments go before the evaluation (the scheduler holds them too)
+    teacher_for = _evaluation_teacher(run, config)
+    result = evaluate(run.student, teacher_for, run.heldout, config.batch_size, run.device, config.eval_tokens)
+    teacher_for = run.teacher_for = run.objective = None  # the teacher goes before the checkpoint is written
+    save_final(run.out, run.student, run.tokenizer)
+    (run.out / CHECKPOINT).unlink(missing_ok=True)  # the run is complete: the final checkpoint replaces it
+    summary = _summary(run, config, dist.world_size, final_metrics, train_seconds, result)
+    atomic_write_text(run.out / SUMMARY, json.dumps(summary, indent=2) + "\n")
+    plot_losses(run.out / METRICS, run.out / "loss_curve.png")
+    return summary
+
+
+def _evaluation_teacher(run: _Run, config: TrainConfig) -> TeacherFor:
+    """The teacher signal the held-out evaluation compares with: the cache, the loop's teacher, or, after CE-only
+    training, the teacher loaded now."""
+    if run.cache is not None:
+        return cached_teacher(run.cache)
+    if run.teacher_for is not None:
+        return run.teacher_for
+    from edgedistill.distill.heads import resolve_dtype
+
+    dtype = resolve_dtype(config.teacher_dtype, run.device)
+    return online_teacher(teachers.load_model(run.source, dtype, run.device))
+
+
+def _summary(
+    run: _Run,
+    config: TrainConfig,
+    world_size: int,
+    final_metrics: dict[str, Any],
+    train_seconds: float,
+    heldout: dict[str, float],
+) -> dict[str, Any]:
+    """The contents of ``train_summary.json``."""
+    steps_run = config.steps - run.start_step
+    tokens_per_second = steps_run * _tokens_per_step(config, world_size) / train_seconds if steps_run else None
+    stats, student_config = run.stats, run.student.config
+    return {
+        "edgedistill_version": __version__,
+        "teacher": dict(run.teacher_info, vocab_rows=run.audit.teacher_rows),
+        "student": {
+            "spec": config.student,
+            "parameters": run.student_params,
+            "shape": {k: getattr(student_config, k) for k in (*SHAPE_FIELDS, "vocab_size")},
+        },
+        "vocab": {"tokenizer_size": run.audit.tokenizer_size, "shared_rows": run.audit.shared_rows},
+        "data": {
+            "files": stats.files,
+            "records": stats.records,
+            "bad_lines": stats.bad_lines,
+            "train_tokens": stats.train_tokens,
+            "heldout_tokens": stats.heldout_tokens,
+            "tag_tokens": stats.tag_tokens,
+            "sha256": stats.sha256,
+        },
+        "train": {
+            "steps": config.steps,
+            "resumed_from": run.start_step,
+            "seconds": train_seconds,
+            "tokens_per_second": tokens_per_second,
+            "final": final_metrics,
+            "world_size": world_size,
+            "device": str(run.device),
+        },
+        "heldout": heldout,
+        "config": config.to_dict(),
+    }

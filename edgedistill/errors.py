@@ -6,3 +6,10 @@ class EdgeDistillError(Exception):
 
     Library code raises it; the CLI prints ``edgedistill: error: <message>`` and exits with code 2.
     """
+
+
+def one_line(text: str, limit: int = 300) -> str:
+    """``text`` with its whitespace runs (newlines included) collapsed, cut to ``limit`` characters: what an error
+    message quotes from a file or a library, so that the message stays one line."""
+    flat = " ".join(str(text).split())
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."

@@ -27,25 +27,12 @@ from typing import Any
 
 import numpy as np
 
-from edgedistill._deps import require
+from edgedistill.deps import require
 from edgedistill.errors import EdgeDistillError
+from edgedistill.system import cpu_flags
 
 EXTRA_BUFFERS_ENV = "EDGEDISTILL_LLAMA_EXTRA_BUFFERS"
 AMX_FLAGS = frozenset({"amx_int8", "amx_tile", "amx_bf16"})
-
-
-@functools.lru_cache(maxsize=1)
-def cpu_flags() -> frozenset[str]:
-    """The feature flags of the first CPU in ``/proc/cpuinfo`` (empty where there is no such file)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as info:
-            for line in info:
-                key, _, value = line.partition(":")
-                if key.strip() in ("flags", "Features"):
-                    return frozenset(value.split())
-    except OSError:
-        pass
-    return frozenset()
 
 
 def build_has_amx(llama_cpp: Any) -> bool:
@@ -119,6 +106,10 @@ class LlamaCpp:
         params.vocab_only = vocab_only
         params.use_extra_bufts = extra_buffers_enabled(llama_cpp)
         self.extra_buffers = bool(params.use_extra_bufts)
+        # Weights paged in from the file on first use, as llama-cpp-python's Llama loads them (use_mmap=True); the
+        # C default "auto" may pick another mode.
+        params.load_mode = llama_cpp.LLAMA_LOAD_MODE_MMAP
+        self.uses_mmap = True
         self.model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), params)
         if not self.model:
             raise EdgeDistillError(f"{self.path}: llama.cpp cannot load this model")

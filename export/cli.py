@@ -1,8 +1,10 @@
-"""``edgedistill export gguf|onnx MODEL_DIR --quant ... --out DIR``: the two functions the CLI registers.
+"""``edgedistill export FORMAT MODEL_DIR --quant ... --out DIR``: the two functions the CLI registers.
 
-:func:`add_args` declares the flags; :func:`run` checks the input, loads the model once, computes the PyTorch
-reference, exports and checks every artifact, publishes them with ``DIR/manifest.json``, prints a table and, as the
-last line of stdout, one compact JSON document. Heavy libraries are imported inside :func:`run`.
+:func:`add_args` declares the arguments (``FORMAT MODEL_DIR`` and :class:`ExportRecipe`'s flags, ``--config FILE``
+included); :func:`run` checks the input, loads the model once, computes the PyTorch reference, exports and checks
+every artifact through the format's :class:`~edgedistill.export.formats.ExportFormat`, publishes them with
+``DIR/manifest.json``, prints a table and, as the last line of stdout, one compact JSON document. Both take the
+format registry (``registry.py`` by default). Heavy libraries are imported inside :func:`run`.
 """
 
 from __future__ import annotations
@@ -11,52 +13,32 @@ import argparse
 import contextlib
 import json
 import logging
-import os
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from edgedistill._deps import require
+from edgedistill.deps import require
+from edgedistill.export.formats import ExportFormat, FormatRegistry, export_artifacts
 from edgedistill.export.manifest import ArtifactRecord, StagedArtifact, publish_with_manifest
-from edgedistill.export.recipe import FORMATS, ExportRecipe
+from edgedistill.export.recipe import ExportRecipe
+from edgedistill.export.registry import FORMATS
 from edgedistill.files import claim
+from edgedistill.system import available_cpus
 
 if TYPE_CHECKING:
     from edgedistill.export.source import ExportSource
 
-# Modules each format needs beyond torch and transformers, checked before the model loads.
-FORMAT_MODULES = {"gguf": ("gguf", "llama_cpp"), "onnx": ("optimum", "onnxruntime", "onnx", "onnx_ir")}
 EXIT_PARITY_FAILED = 1
 
 
-def add_args(parser: argparse.ArgumentParser) -> None:
+def add_args(parser: argparse.ArgumentParser, formats: FormatRegistry = FORMATS) -> None:
     """Declare the ``export`` subcommand's arguments on ``parser``."""
-    parser.add_argument("format", choices=sorted(FORMATS), help="artifact format")
-    parser.add_argument(
-        "model_dir",
-        metavar="MODEL_DIR",
-        help="Hugging Face Llama checkpoint directory (e.g. what `edgedistill distill` wrote), a "
-        ".gguf file, or smollm2-135m (the default teacher)",
-    )
-    choices = "; ".join(
-        f"{fmt}: {','.join(names)} (default {','.join(defaults)})" for fmt, (names, defaults) in FORMATS.items()
-    )
-    parser.add_argument("--quant", metavar="LIST", default=None, help=f"comma-separated quantizations. {choices}")
-    parser.add_argument("--out", metavar="DIR", required=True, help="output directory (artifacts + manifest.json)")
-    parser.add_argument(
-        "--allow-mismatch",
-        action="store_true",
-        help="exit 0 even when an artifact fails parity (the manifest records the failure)",
-    )
-    parser.add_argument("--threads", type=int, default=0, help="CPU threads (default 0: all this process may use)")
-    parser.add_argument("--name", default=None, help="model name for file names and metadata (default: the source's)")
-    parser.add_argument("--license", default=None, help="licence id for the metadata (default: the source's, if any)")
-    parser.add_argument("--verbose", action="store_true", help="let llama.cpp, optimum and onnxruntime log")
+    ExportRecipe.add_flags(parser, formats=formats)
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, formats: FormatRegistry = FORMATS) -> int:
     """Export, check and publish; print a table and a last JSON line.
 
     Returns:
@@ -64,28 +46,111 @@ def run(args: argparse.Namespace) -> int:
 
     Raises:
         EdgeDistillError: bad input (not a checkpoint, an architecture we cannot export, an unknown quantization,
-            an unwritable output) or a missing optional dependency.
+            an unwritable output, a bad config file) or a missing optional dependency.
     """
-    recipe = ExportRecipe(
-        format=args.format,
-        model=args.model_dir,
-        out=Path(args.out),
-        quants=ExportRecipe.parse_quants(args.quant),
-        allow_mismatch=args.allow_mismatch,
-        threads=args.threads,
-        name=args.name,
-        license=args.license,
-    )
+    recipe = ExportRecipe.from_args(args, formats)
     started = time.perf_counter()
-    records = export(recipe, verbose=getattr(args, "verbose", False))
+    records = export(recipe, formats=formats)
     seconds = time.perf_counter() - started
     print_table(records)
+    print(json.dumps(summary(recipe, records, seconds), separators=(",", ":")))
     failed = [r for r in records if not r.passed]
-    summary = {
+    if failed and not recipe.allow_mismatch:
+        names = ", ".join(r.path for r in failed)
+        print(
+            f"edgedistill: parity failed for {names} (see manifest.json; --allow-mismatch to accept)", file=sys.stderr
+        )
+        return EXIT_PARITY_FAILED
+    return 0
+
+
+def export(recipe: ExportRecipe, verbose: bool = False, formats: FormatRegistry = FORMATS) -> list[ArtifactRecord]:
+    """Run a recipe: the Python entry point behind :func:`run`. Returns the manifest records written.
+
+    Args:
+        recipe: what to export, to which format and quantizations, where.
+        verbose: let the libraries log (also ``recipe.verbose``).
+        formats: the registry ``recipe.format`` is looked up in.
+    """
+    from edgedistill.export.source import clean_name, resolve_source
+
+    fmt, quants = recipe.select(formats)
+    source = resolve_source(recipe.model)
+    if recipe.name:
+        source.name = clean_name(recipe.name)
+    if recipe.license:
+        source.license = recipe.license
+    for module in ("torch", "transformers", *fmt.modules):
+        require(module)
+    # The claim sweeps what a killed export left in --out and finishes a publish it began.
+    with claim(recipe.out_dir, "--out") as out:
+        return _export(fmt, quants, recipe, source, out, verbose or recipe.verbose)
+
+
+def _export(
+    fmt: ExportFormat, quants: list[str], recipe: ExportRecipe, source: ExportSource, out: Path, verbose: bool
+) -> list[ArtifactRecord]:
+    """Load the model, compute PyTorch's answers, run the format's export and publish what it staged."""
+    import torch
+
+    from edgedistill.export.parity import probe_prompt_ids, probe_strings, torch_reference
+    from edgedistill.export.source import load_source
+
+    threads = recipe.threads or len(available_cpus())
+    torch_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    staged: list[StagedArtifact] = []
+    try:
+        started = time.perf_counter()
+        loaded = load_source(source)
+        try:
+            with _library_logs(verbose):
+                _progress(
+                    f"export: loaded {source.spec} ({loaded.parameters / 1e6:.1f} M parameters) in "
+                    f"{time.perf_counter() - started:.1f}s"
+                )
+                probes = probe_strings(loaded.tokenizer)
+                prompts = probe_prompt_ids(loaded.tokenizer, loaded.model.config.max_position_embeddings)
+                reference = torch_reference(loaded.model, prompts)
+                staged = export_artifacts(fmt, source, loaded, quants, out, reference, probes, threads, _progress)
+        finally:
+            loaded.close()
+        publish_with_manifest(out, staged)
+    except BaseException:
+        for artifact in staged:
+            artifact.discard()
+        raise
+    finally:
+        torch.set_num_threads(torch_threads)
+    return [artifact.record for artifact in staged]
+
+
+def _progress(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def _library_logs(verbose: bool) -> Iterator[None]:
+    """Keep llama.cpp's, optimum's and onnxruntime's own logging at errors only, unless ``verbose``."""
+    loggers = [logging.getLogger(name) for name in ("llama-cpp-python", "optimum", "onnxruntime")]
+    levels = [log.level for log in loggers]
+    if not verbose:
+        for log in loggers:
+            log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for log, level in zip(loggers, levels):
+            log.setLevel(level)
+
+
+def summary(recipe: ExportRecipe, records: list[ArtifactRecord], seconds: float) -> dict[str, Any]:
+    """The run as the last line of stdout states it."""
+    return {
         "format": recipe.format,
-        "out": str(recipe.out),
-        "manifest": str(recipe.out / "manifest.json"),
-        "passed": not failed,
+        "out": recipe.out,
+        "manifest": str(recipe.out_dir / "manifest.json"),
+        "passed": all(r.passed for r in records),
         "allow_mismatch": recipe.allow_mismatch,
         "seconds": round(seconds, 3),
         "artifacts": [
@@ -106,98 +171,6 @@ def run(args: argparse.Namespace) -> int:
             for r in records
         ],
     }
-    print(json.dumps(summary, separators=(",", ":")))
-    if failed and not recipe.allow_mismatch:
-        names = ", ".join(r.path for r in failed)
-        print(
-            f"edgedistill: parity failed for {names} (see manifest.json; --allow-mismatch to accept)", file=sys.stderr
-        )
-        return EXIT_PARITY_FAILED
-    return 0
-
-
-def export(recipe: ExportRecipe, verbose: bool = False) -> list[ArtifactRecord]:
-    """Run a recipe: the Python entry point behind :func:`run`. Returns the manifest records written."""
-    from edgedistill.export.source import clean_name, resolve_source
-
-    source = resolve_source(recipe.model)
-    if recipe.name:
-        source.name = clean_name(recipe.name)
-    if recipe.license:
-        source.license = recipe.license
-    for module in ("torch", "transformers", *FORMAT_MODULES[recipe.format]):
-        require(module)
-    # The claim sweeps what a killed export left in --out and finishes a publish it began.
-    with claim(recipe.out, "--out") as out:
-        return _export(recipe, source, out, verbose)
-
-
-def _export(recipe: ExportRecipe, source: ExportSource, out: Path, verbose: bool) -> list[ArtifactRecord]:
-    import torch
-
-    from edgedistill.export.parity import probe_prompt_ids, probe_strings, torch_reference
-    from edgedistill.export.source import load_source
-
-    threads = recipe.threads or _usable_cpus()
-
-    def progress(line: str) -> None:
-        print(line, file=sys.stderr, flush=True)
-
-    torch_threads = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    staged: list[StagedArtifact] = []
-    try:
-        started = time.perf_counter()
-        loaded = load_source(source)
-        try:
-            with _library_logs(verbose):
-                progress(
-                    f"export: loaded {source.spec} ({loaded.parameters / 1e6:.1f} M parameters) in "
-                    f"{time.perf_counter() - started:.1f}s"
-                )
-                probes = probe_strings(loaded.tokenizer)
-                prompts = probe_prompt_ids(loaded.tokenizer, loaded.model.config.max_position_embeddings)
-                reference = torch_reference(loaded.model, prompts)
-                if recipe.format == "gguf":
-                    from edgedistill.export.gguf import export_gguf
-
-                    staged = export_gguf(source, loaded, recipe.quants, out, reference, probes, threads, progress)
-                else:
-                    from edgedistill.export.onnx import export_onnx
-
-                    staged = export_onnx(source, loaded, recipe.quants, out, reference, probes, threads, progress)
-        finally:
-            loaded.close()
-        publish_with_manifest(out, staged)
-    except BaseException:
-        for artifact in staged:
-            artifact.discard()
-        raise
-    finally:
-        torch.set_num_threads(torch_threads)
-    return [artifact.record for artifact in staged]
-
-
-def _usable_cpus() -> int:
-    """CPUs this process may run on (its affinity mask, which containers and taskset narrow)."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
-
-
-@contextlib.contextmanager
-def _library_logs(verbose: bool) -> Iterator[None]:
-    """Keep llama.cpp's, optimum's and onnxruntime's own logging at errors only, unless ``verbose``."""
-    loggers = [logging.getLogger(name) for name in ("llama-cpp-python", "optimum", "onnxruntime")]
-    levels = [log.level for log in loggers]
-    if not verbose:
-        for log in loggers:
-            log.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        for log, level in zip(loggers, levels):
-            log.setLevel(level)
 
 
 def print_table(records: list[ArtifactRecord]) -> None:

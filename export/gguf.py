@@ -12,14 +12,16 @@ Recipe, top to bottom:
    in a child interpreter there (:func:`~edgedistill.isolate.run_isolated`), so a native crash becomes an error
    that names the file instead of the death of the export.
 
-Every file is written under a temporary name in the output directory and renamed into place when complete.
+:class:`GgufFormat` fills these steps into the shared skeleton (``formats.py``), which writes every file under a
+temporary name in the output directory, records it, and leaves the rename into place to the caller.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,24 +30,17 @@ import numpy as np
 
 from edgedistill import __version__
 from edgedistill.errors import EdgeDistillError
-from edgedistill.export.manifest import (
-    ArtifactRecord,
-    StagedArtifact,
-    sha256_file,
-    tool_versions,
-)
+from edgedistill.export.formats import Conversion, ExportFormat, ExportJob, export_artifacts
 from edgedistill.export.parity import (
     GREEDY_TOKENS,
     MAX_PROBE_TOKENS,
-    PROBE_PROMPTS,
     ParityReport,
     Reference,
     Thresholds,
+    TokenizerProbes,
     count_equal,
-    hf_token_ids,
-    judge,
+    judge_answers,
 )
-from edgedistill.export.source import ExportSource, LoadedModel
 from edgedistill.files import remove_path, temp_path
 from edgedistill.isolate import run_isolated
 from edgedistill.llamacpp import LlamaCpp
@@ -444,123 +439,91 @@ def check_gguf(
         special_texts,
         what=f"parity check of {path.name} in llama.cpp",
     )
-    matches = count_equal(expected, probe_ids)
-    specials = count_equal(special_expected, special_ids)
-    return judge(
-        GGUF_QUANTS[quant].thresholds,
-        reference,
-        logits,
-        greedy,
-        matches,
-        len(probes),
-        specials_equal=specials == len(special_texts),
-    )
+    tokens = TokenizerProbes(probes, expected, special_texts, special_expected)
+    return judge_answers(GGUF_QUANTS[quant].thresholds, reference, logits, greedy, tokens, probe_ids, special_ids)
 
 
-# ------------------------------------------------------------------------------------------------------ recipe
+# ------------------------------------------------------------------------------------------------------ format
 
 
-def export_gguf(
-    source: ExportSource,
-    loaded: LoadedModel,
-    quants: list[str],
-    out: Path,
-    reference: Reference,
-    probes: list[str],
-    threads: int,
-    progress: Callable[[str], None] = print,
-) -> list[StagedArtifact]:
-    """Convert ``loaded`` to GGUF, quantize it once per requested type, and check every file.
+@dataclass
+class GgufPlan:
+    """What a GGUF export decides before writing: the vocabulary, the metadata and the probed pre-tokenizer."""
 
-    Args:
-        source: where the model came from (name, licence, base model for the metadata).
-        loaded: the float32 model and its tokenizer.
-        quants: names from :data:`GGUF_QUANTS`.
-        out: the output directory (exists, writable); temporary files live there too.
-        reference: PyTorch's answers on the probe prompts.
-        probes: tokenizer probe strings.
-        threads: CPU threads for llama.cpp.
-        progress: called with one line per step.
+    vocab: GgufVocab
+    general: dict[str, Any]
+    pre: str
+    pre_scores: dict[str, int]
+    pre_seconds: float
 
-    Returns:
-        The checked artifacts, still under temporary names: the caller publishes them (or discards them).
-    """
-    check_exportable(loaded.model.config)
-    config, tokenizer = loaded.model.config, loaded.tokenizer
-    vocab = vocab_from_tokenizer(tokenizer, config.vocab_size)
-    general = {
-        "name": source.name,
-        "license": source.license,
-        "base_model": source.base_model,
-        "description": f"exported by edgedistill {__version__} from {source.path.name}",
-    }
-    tools = tool_versions("gguf", "llama-cpp-python", "torch", "transformers")
-    expected = hf_token_ids(tokenizer, probes)
-    special_texts = list(PROBE_PROMPTS)
-    special_expected = [list(tokenizer(text, add_special_tokens=True)["input_ids"]) for text in special_texts]
 
-    started = time.perf_counter()
-    pre, pre_scores = choose_pre_tokenizer(out, config, vocab, general, probes, expected)
-    pre_seconds = time.perf_counter() - started
-    progress(
-        f"gguf: tokenizer.ggml.pre = {pre!r}: {pre_scores[pre]}/{len(probes)} probe strings equal "
-        f"({len(pre_scores)} candidates tried in {pre_seconds:.1f}s)"
-    )
+class GgufFormat(ExportFormat):
+    """GGUF's part of the export skeleton (:func:`~edgedistill.export.formats.export_artifacts`): a llama GGUF
+    written by gguf-py, quantized by llama.cpp and checked in llama.cpp."""
 
-    base = temp_path(out, f"{source.name}-f32.gguf")
-    temporaries, staged = [base], []
-    try:
+    name = "gguf"
+    quants = GGUF_QUANTS
+    default_quants = DEFAULT_GGUF_QUANTS
+    base_quant = "f32"
+    modules = ("gguf", "llama_cpp")
+    tools = ("gguf", "llama-cpp-python", "torch", "transformers")
+    converted = "wrote the float32 file"
+
+    def artifact_name(self, model_name: str, quant: str) -> str:
+        return f"{model_name}-{quant}.gguf"
+
+    def prepare(self, job: ExportJob) -> GgufPlan:
+        """Refuse what GGUF cannot hold, convert the vocabulary and choose ``tokenizer.ggml.pre`` by probing."""
+        config, source = job.loaded.model.config, job.source
+        check_exportable(config)
+        vocab = vocab_from_tokenizer(job.loaded.tokenizer, config.vocab_size)
+        general = {
+            "name": source.name,
+            "license": source.license,
+            "base_model": source.base_model,
+            "description": f"exported by edgedistill {__version__} from {source.path.name}",
+        }
+        probes = job.probes
         started = time.perf_counter()
-        write_gguf(base, config, vocab, pre, general, model=loaded.model)
-        convert_seconds = time.perf_counter() - started
-        f32_bytes = base.stat().st_size
-        progress(f"gguf: wrote the float32 file ({f32_bytes / 1e6:.1f} MB) in {convert_seconds:.1f}s")
-        # Quantize from the float32 file; the f32 artifact, when asked for, is that file itself, checked last.
-        for quant in sorted(quants, key=lambda name: name == "f32"):
-            final = out / f"{source.name}-{quant}.gguf"
-            started = time.perf_counter()
-            if quant == "f32":
-                tmp, seconds = base, convert_seconds
-            else:
-                tmp = temp_path(out, final.name)
-                temporaries.append(tmp)
-                quantize(base, tmp, quant, threads)
-                seconds = time.perf_counter() - started
-            started = time.perf_counter()
-            report = check_gguf(tmp, quant, reference, probes, expected, special_texts, special_expected, threads)
-            parity_seconds = time.perf_counter() - started
-            details = {
-                "tokenizer_pre": pre,
-                "tokenizer_pre_scores": pre_scores,
-                "llama_ftype": GGUF_QUANTS[quant].ftype,
-                "parity_runtime": PARITY_RUNTIME,
-                "conversion_seconds": round(convert_seconds, 3),
-                "pre_tokenizer_seconds": round(pre_seconds, 3),
-                "parity_seconds": round(parity_seconds, 3),
-                "tools": tools,
-            }
-            record = ArtifactRecord(
-                path=final.name,
-                bytes=tmp.stat().st_size,
-                sha256=sha256_file(tmp),
-                format="gguf",
-                quantization=quant,
-                parameters=loaded.parameters,
-                f32_bytes=f32_bytes,
-                seconds=seconds,
-                parity=report.to_dict(),
-                source=source.describe(),
-                details=details,
-            )
-            staged.append(StagedArtifact(tmp, final, record))
-            progress(
-                f"gguf: {final.name}: {record.bytes / 1e6:.1f} MB in {seconds:.1f}s; parity "
-                f"{'passed' if report.passed else 'FAILED: ' + '; '.join(report.failures)}"
-            )
-    except BaseException:
-        for path in temporaries:
-            remove_path(path)
-        raise
-    if "f32" not in quants:
-        remove_path(base)
-    return staged
+        pre, scores = choose_pre_tokenizer(job.out, config, vocab, general, probes.strings, probes.expected)
+        seconds = time.perf_counter() - started
+        job.progress(
+            f"gguf: tokenizer.ggml.pre = {pre!r}: {scores[pre]}/{len(probes.strings)} probe strings equal "
+            f"({len(scores)} candidates tried in {seconds:.1f}s)"
+        )
+        return GgufPlan(vocab, general, pre, scores, seconds)
+
+    def convert(self, job: ExportJob, plan: GgufPlan, base: Path) -> None:
+        write_gguf(base, job.loaded.model.config, plan.vocab, plan.pre, plan.general, model=job.loaded.model)
+
+    def derive(self, job: ExportJob, conversion: Conversion, quant: str, artifact: Path) -> None:
+        quantize(conversion.path, artifact, quant, job.threads)
+
+    def check(self, job: ExportJob, conversion: Conversion, quant: str, artifact: Path) -> ParityReport:
+        p = job.probes
+        return check_gguf(
+            artifact, quant, job.reference, p.strings, p.expected, p.special_texts, p.special_expected, job.threads
+        )
+
+    def details(
+        self, job: ExportJob, conversion: Conversion, quant: str, artifact: Path, parity_seconds: float
+    ) -> dict[str, Any]:
+        plan: GgufPlan = conversion.plan
+        return {
+            "tokenizer_pre": plan.pre,
+            "tokenizer_pre_scores": plan.pre_scores,
+            "llama_ftype": GGUF_QUANTS[quant].ftype,
+            "parity_runtime": PARITY_RUNTIME,
+            "conversion_seconds": round(conversion.seconds, 3),
+            "pre_tokenizer_seconds": round(plan.pre_seconds, 3),
+            "parity_seconds": round(parity_seconds, 3),
+            "tools": conversion.tools,
+        }
+
+
+GGUF = GgufFormat()
+
+
+# The skeleton run with GGUF, under the name callers know: export_gguf(source, loaded, quants, out, reference,
+# probes, threads, progress) -> the checked artifacts, still under temporary names (see export_artifacts).
+export_gguf = functools.partial(export_artifacts, GGUF)

@@ -10,16 +10,17 @@ Recipe, top to bottom:
 4. Run each model in plain onnxruntime and compare logits, greedy tokens and (through the saved tokenizer) token
    ids with PyTorch and the Hugging Face tokenizer.
 
-Each artifact is a directory built under a temporary name in the output directory and renamed into place.
+:class:`OnnxFormat` fills these steps into the shared skeleton (``formats.py``): each artifact is a directory
+built under a temporary name in the output directory and renamed into place by the caller.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import logging
 import shutil
-import time
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -29,24 +30,16 @@ from typing import Any
 import numpy as np
 
 from edgedistill.errors import EdgeDistillError
-from edgedistill.export.manifest import (
-    ArtifactRecord,
-    StagedArtifact,
-    sha256_file,
-    tool_versions,
-)
+from edgedistill.export.formats import Conversion, ExportFormat, ExportJob, export_artifacts
 from edgedistill.export.parity import (
     GREEDY_TOKENS,
-    PROBE_PROMPTS,
     ParityReport,
     Reference,
     Thresholds,
-    count_equal,
+    TokenizerProbes,
     hf_token_ids,
-    judge,
+    judge_answers,
 )
-from edgedistill.export.source import ExportSource, LoadedModel
-from edgedistill.files import remove_path, temp_path
 from edgedistill.isolate import run_isolated
 
 
@@ -338,17 +331,10 @@ def check_onnx(
         what=f"parity check of {directory.name} in onnxruntime",
     )
     saved = AutoTokenizer.from_pretrained(str(directory))
-    matches = count_equal(expected, hf_token_ids(saved, probes))
-    specials = count_equal(special_expected, [saved(t, add_special_tokens=True)["input_ids"] for t in special_texts])
-    return judge(
-        ONNX_QUANTS[quant].thresholds,
-        reference,
-        logits,
-        greedy,
-        matches,
-        len(probes),
-        specials_equal=specials == len(special_texts),
-    )
+    tokens = TokenizerProbes(probes, expected, special_texts, special_expected)
+    probe_ids = hf_token_ids(saved, probes)
+    special_ids = [saved(text, add_special_tokens=True)["input_ids"] for text in special_texts]
+    return judge_answers(ONNX_QUANTS[quant].thresholds, reference, logits, greedy, tokens, probe_ids, special_ids)
 
 
 def directory_bytes(directory: Path) -> int:
@@ -356,108 +342,84 @@ def directory_bytes(directory: Path) -> int:
     return sum(p.stat().st_size for p in [directory / MODEL_FILE, *_external_data(directory)])
 
 
-# ------------------------------------------------------------------------------------------------------ recipe
+# ------------------------------------------------------------------------------------------------------ format
+
+# How each quantization is derived from the float32 export (fp32 is that export itself).
+QUANTIZERS: dict[str, Callable[[Path, Path], None]] = {"int8": quantize_int8, "int4": quantize_int4}
 
 
-def export_onnx(
-    source: ExportSource,
-    loaded: LoadedModel,
-    quants: list[str],
-    out: Path,
-    reference: Reference,
-    probes: list[str],
-    threads: int,
-    progress: Callable[[str], None] = print,
-) -> list[StagedArtifact]:
-    """Export ``loaded`` to ONNX, derive each requested quantization, and check every artifact.
+class OnnxFormat(ExportFormat):
+    """ONNX's part of the export skeleton (:func:`~edgedistill.export.formats.export_artifacts`): a decoder with
+    past key/values exported by optimum-onnx, quantized by onnxruntime, checked in plain onnxruntime. Each artifact
+    is a directory: ``model.onnx`` (and any external data), the config files and the tokenizer."""
 
-    Args:
-        source: where the model came from (recorded in the manifest).
-        loaded: the float32 model, its tokenizer and a checkpoint directory holding both.
-        quants: names from :data:`ONNX_QUANTS`.
-        out: the output directory (exists, writable); temporary directories live there too.
-        reference: PyTorch's answers on the probe prompts.
-        probes: tokenizer probe strings.
-        threads: CPU threads for onnxruntime.
-        progress: called with one line per step.
+    name = "onnx"
+    quants = ONNX_QUANTS
+    default_quants = DEFAULT_ONNX_QUANTS
+    base_quant = "fp32"
+    modules = ("optimum", "onnxruntime", "onnx", "onnx_ir")
+    tools = ("optimum-onnx", "onnxruntime", "onnx", "torch", "transformers")
+    converted = "exported the float32 decoder"
 
-    Returns:
-        The checked artifact directories, still under temporary names: the caller publishes them.
-    """
-    from edgedistill._deps import require
+    def artifact_name(self, model_name: str, quant: str) -> str:
+        return f"{model_name}-onnx-{quant}"
 
-    for module in ("optimum", "onnxruntime", "onnx", "onnx_ir"):
-        require(module)
-    tools = tool_versions("optimum-onnx", "onnxruntime", "onnx", "torch", "transformers")
-    config, tokenizer = loaded.model.config, loaded.tokenizer
-    expected = hf_token_ids(tokenizer, probes)
-    special_texts = list(PROBE_PROMPTS)
-    special_expected = [list(tokenizer(text, add_special_tokens=True)["input_ids"]) for text in special_texts]
+    def model_file(self, artifact: Path) -> Path:
+        return artifact / MODEL_FILE
 
-    base = temp_path(out, f"{source.name}-onnx-fp32")
-    base.mkdir()
-    temporaries, staged = [base], []
-    try:
-        started = time.perf_counter()
+    def size(self, artifact: Path) -> int:
+        return directory_bytes(artifact)
+
+    def convert(self, job: ExportJob, plan: None, base: Path) -> None:
+        base.mkdir()
         try:
-            export_fp32(loaded.checkpoint, base)
+            export_fp32(job.loaded.checkpoint, base)
         except EdgeDistillError:
             raise
         except Exception as err:
-            raise EdgeDistillError(f"onnx: optimum cannot export {source.path} ({type(err).__name__}: {err})") from None
-        _copy_side_files(base, base, tokenizer)
-        convert_seconds = time.perf_counter() - started
-        f32_bytes = directory_bytes(base)
-        progress(f"onnx: exported the float32 decoder ({f32_bytes / 1e6:.1f} MB) in {convert_seconds:.1f}s")
-        for quant in sorted(quants, key=lambda name: name == "fp32"):
-            final = out / f"{source.name}-onnx-{quant}"
-            started = time.perf_counter()
-            if quant == "fp32":
-                directory, seconds = base, convert_seconds
-            else:
-                directory = temp_path(out, final.name)
-                directory.mkdir()
-                temporaries.append(directory)
-                (quantize_int8 if quant == "int8" else quantize_int4)(base, directory)
-                _copy_side_files(base, directory, tokenizer)
-                seconds = time.perf_counter() - started
-            started = time.perf_counter()
-            report = check_onnx(
-                directory, quant, config, reference, probes, expected, special_texts, special_expected, threads
-            )
-            model_file = directory / MODEL_FILE
-            record = ArtifactRecord(
-                path=f"{final.name}/{MODEL_FILE}",
-                bytes=directory_bytes(directory),
-                sha256=sha256_file(model_file),
-                format="onnx",
-                quantization=quant,
-                parameters=loaded.parameters,
-                f32_bytes=f32_bytes,
-                seconds=seconds,
-                parity=report.to_dict(),
-                source=source.describe(),
-                details={
-                    "method": ONNX_QUANTS[quant].method,
-                    "opset": ONNX_OPSET,
-                    "task": ONNX_TASK,
-                    "directory": final.name,
-                    "external_data": [p.name for p in _external_data(directory)],
-                    "parity_runtime": {"engine": "onnxruntime", "provider": "CPUExecutionProvider"},
-                    "tools": tools,
-                    "conversion_seconds": round(convert_seconds, 3),
-                    "parity_seconds": round(time.perf_counter() - started, 3),
-                },
-            )
-            staged.append(StagedArtifact(directory, final, record))
-            progress(
-                f"onnx: {final.name}: {record.bytes / 1e6:.1f} MB in {seconds:.1f}s; parity "
-                f"{'passed' if report.passed else 'FAILED: ' + '; '.join(report.failures)}"
-            )
-    except BaseException:
-        for path in temporaries:
-            remove_path(path)
-        raise
-    if "fp32" not in quants:
-        remove_path(base)
-    return staged
+            raise EdgeDistillError(
+                f"onnx: optimum cannot export {job.source.path} ({type(err).__name__}: {err})"
+            ) from None
+        _copy_side_files(base, base, job.loaded.tokenizer)
+
+    def derive(self, job: ExportJob, conversion: Conversion, quant: str, artifact: Path) -> None:
+        artifact.mkdir()
+        QUANTIZERS[quant](conversion.path, artifact)
+        _copy_side_files(conversion.path, artifact, job.loaded.tokenizer)
+
+    def check(self, job: ExportJob, conversion: Conversion, quant: str, artifact: Path) -> ParityReport:
+        p = job.probes
+        return check_onnx(
+            artifact,
+            quant,
+            job.loaded.model.config,
+            job.reference,
+            p.strings,
+            p.expected,
+            p.special_texts,
+            p.special_expected,
+            job.threads,
+        )
+
+    def details(
+        self, job: ExportJob, conversion: Conversion, quant: str, artifact: Path, parity_seconds: float
+    ) -> dict[str, Any]:
+        return {
+            "method": ONNX_QUANTS[quant].method,
+            "opset": ONNX_OPSET,
+            "task": ONNX_TASK,
+            "directory": self.artifact_name(job.source.name, quant),
+            "external_data": [p.name for p in _external_data(artifact)],
+            "parity_runtime": {"engine": "onnxruntime", "provider": "CPUExecutionProvider"},
+            "tools": conversion.tools,
+            "conversion_seconds": round(conversion.seconds, 3),
+            "parity_seconds": round(parity_seconds, 3),
+        }
+
+
+ONNX = OnnxFormat()
+
+
+# The skeleton run with ONNX, under the name callers know: export_onnx(source, loaded, quants, out, reference,
+# probes, threads, progress) -> the checked artifact directories, still under temporary names (see export_artifacts).
+export_onnx = functools.partial(export_artifacts, ONNX)

@@ -125,18 +125,20 @@ def probe_strings(tokenizer: Any = None) -> list[str]:
     scripts, CJK, emoji (with modifiers and joiners), code, and, when ``tokenizer`` is given, its special tokens
     alone, inside text and in a rendered chat conversation.
     """
+    strings = _text_probes()
+    if tokenizer is not None:
+        strings += _special_token_probes(tokenizer)
+    # Keep the order (the manifest counts refer to it) but drop repeats.
+    return list(dict.fromkeys(strings))
+
+
+def _text_probes() -> list[str]:
+    """The probe strings that do not depend on the tokenizer, in their fixed order."""
     # fmt: off
     numbers = ["0", "7", "42", "123", "1234", "12345", "1234567", "1234567890", "3.14159", "-42", "+7", "0.001",
                "1,000,000", "1 000 000", "2024-01-15", "12:30:59", "0x1F", "0b1010", "1e-5", "6.02e23", "99.9%",
                "$100", "€9,99", "v1.2.3", "+1 (555) 123-4567", "a1b2c3", "Room 101", "3rd", "21st", "1/2",
                "x²+y³", "½ ¼", "٣٤٥", "一二三", "１２３", "007", "10000000000000000000"]
-    spaces = []
-    for count in (1, 2, 3, 4, 5, 8, 16):
-        spaces += [" " * count, "a" + " " * count + "b", " " * count + "lead", "trail" + " " * count]
-    for char, counts in (("\t", (1, 2, 3)), ("\n", (1, 2, 3, 4)), ("\r\n", (1, 2))):
-        for count in counts:
-            spaces += [char * count, "a" + char * count + "b", char * count + "x" + char * count]
-    spaces += [" \n ", "\n \n", " \t \n", "\t \t", "a \n\n b", "end.\n\n\nStart", "\u00a0nbsp", "a\u3000b", "\v\f"]
     punctuation = ["Hello, world!", "...", "?!", "!!!", "—", "–", "(a) [b] {c}", "@#$%^&*", "a/b\\c", "~`|", "<>",
                    "<<=", "!==", "'s", "'t", "'re", "'ve", "'m", "'ll", "'d", "don't", "I'M", "WE'LL", "it’s",
                    "«quoted»", "“curly”", "'single'", "\"double\"", "a.b.c", "e.g.", "U.S.A.", "#hashtag",
@@ -148,54 +150,72 @@ def probe_strings(tokenizer: Any = None) -> list[str]:
            "漢字かなカナ", "これは「テスト」です", "大模型蒸馏", "北京 2024 年", "汉字123abc"]
     emoji = ["😀", "👍🏽", "👨‍👩‍👧‍👦", "🇫🇷", "❤️", "🤖 robot", "a😀b", "✨✨", "🔥🔥🔥", "😂😂", "🙏🏻 thanks",
              "⚡️", "👩‍💻", "☕"]
-    code = [
-        "def f(x):\n    return x * 2\n",
-        "for (int i = 0; i < n; ++i) { sum += a[i]; }",
-        "if __name__ == \"__main__\":\n\tmain()",
-        "{\"key\": [1, 2, 3], \"nested\": {\"a\": null}}",
-        "<div class=\"x\">Hello</div>",
-        "SELECT * FROM users WHERE id = 42;",
-        "ls -la | grep '.py' > out.txt",
-        "x = [i**2 for i in range(10) if i % 2]",
-        "import numpy as np\nnp.zeros((3, 4))",
-        "#include <stdio.h>\nint main() { return 0; }",
-        "const f = async (a) => await g(a);",
-        "r'^\\d{3}-\\d{4}$'",
-        "| col1 | col2 |\n|------|------|\n| 1    | 2    |",
-        "\\frac{a}{b} + \\sqrt{x^2}",
-        "    indented    code\n        deeper",
-        "# comment\n\n\n\nx=1",
-        "fn main() -> Result<(), Box<dyn Error>> {}",
-        "<think>\nstep one\n</think>\n<answer>42</answer>",
-    ]
     words = ["The quick brown fox", "hello", "Hello", "HELLO", " hello", "hello world", "distillation",
              "antidisestablishmentarianism", "a", "I", "A B C", "x", "ok"]
     # fmt: on
-    strings = numbers + spaces + punctuation + latin + cjk + emoji + code + words
+    strings = numbers + _whitespace_probes() + punctuation + latin + cjk + emoji + _CODE_PROBES + words
     # Joins of two kinds at once, where pre-tokenizers disagree most: numbers next to letters, spaces before
     # digits, punctuation after CJK, emoji inside words.
     for left, right in itertools.product(["abc", "汉字", "😀", " "], ["123", "  4", ".", "\n5"]):
         strings.append(left + right)
-    if tokenizer is not None:
-        specials = [t for t in getattr(tokenizer, "all_special_tokens", []) if t]
-        specials += [t for t in _added_tokens(tokenizer) if t not in specials]
-        for token in specials:
-            strings += [token, f"text{token}more", f" {token} ", f"{token}\n{token}"]
-        if len(specials) >= 2:
-            strings.append("".join(specials))
-        if getattr(tokenizer, "chat_template", None):
-            chat = [
-                {"role": "system", "content": "You are brief."},
-                {"role": "user", "content": "2+2=?  Réponds."},
-                {"role": "assistant", "content": "4 😀\n\ndone"},
-            ]
-            for rendered in (
-                tokenizer.apply_chat_template(chat, tokenize=False),
-                tokenizer.apply_chat_template(chat[:2], tokenize=False, add_generation_prompt=True),
-            ):
-                strings.append(rendered)
-    # Keep the order (the manifest counts refer to it) but drop repeats.
-    return list(dict.fromkeys(strings))
+    return strings
+
+
+def _whitespace_probes() -> list[str]:
+    """Runs of spaces, tabs, newlines and CRLFs, alone and between, before and after text."""
+    spaces = []
+    for count in (1, 2, 3, 4, 5, 8, 16):
+        spaces += [" " * count, "a" + " " * count + "b", " " * count + "lead", "trail" + " " * count]
+    for char, counts in (("\t", (1, 2, 3)), ("\n", (1, 2, 3, 4)), ("\r\n", (1, 2))):
+        for count in counts:
+            spaces += [char * count, "a" + char * count + "b", char * count + "x" + char * count]
+    spaces += [" \n ", "\n \n", " \t \n", "\t \t", "a \n\n b", "end.\n\n\nStart", "\u00a0nbsp", "a\u3000b", "\v\f"]
+    return spaces
+
+
+_CODE_PROBES = [
+    "def f(x):\n    return x * 2\n",
+    "for (int i = 0; i < n; ++i) { sum += a[i]; }",
+    'if __name__ == "__main__":\n\tmain()',
+    '{"key": [1, 2, 3], "nested": {"a": null}}',
+    '<div class="x">Hello</div>',
+    "SELECT * FROM users WHERE id = 42;",
+    "ls -la | grep '.py' > out.txt",
+    "x = [i**2 for i in range(10) if i % 2]",
+    "import numpy as np\nnp.zeros((3, 4))",
+    "#include <stdio.h>\nint main() { return 0; }",
+    "const f = async (a) => await g(a);",
+    "r'^\\d{3}-\\d{4}$'",
+    "| col1 | col2 |\n|------|------|\n| 1    | 2    |",
+    "\\frac{a}{b} + \\sqrt{x^2}",
+    "    indented    code\n        deeper",
+    "# comment\n\n\n\nx=1",
+    "fn main() -> Result<(), Box<dyn Error>> {}",
+    "<think>\nstep one\n</think>\n<answer>42</answer>",
+]
+
+
+def _special_token_probes(tokenizer: Any) -> list[str]:
+    """The tokenizer's special and added tokens alone, inside text and together, and a rendered chat."""
+    strings = []
+    specials = [t for t in getattr(tokenizer, "all_special_tokens", []) if t]
+    specials += [t for t in _added_tokens(tokenizer) if t not in specials]
+    for token in specials:
+        strings += [token, f"text{token}more", f" {token} ", f"{token}\n{token}"]
+    if len(specials) >= 2:
+        strings.append("".join(specials))
+    if getattr(tokenizer, "chat_template", None):
+        chat = [
+            {"role": "system", "content": "You are brief."},
+            {"role": "user", "content": "2+2=?  Réponds."},
+            {"role": "assistant", "content": "4 😀\n\ndone"},
+        ]
+        for rendered in (
+            tokenizer.apply_chat_template(chat, tokenize=False),
+            tokenizer.apply_chat_template(chat[:2], tokenize=False, add_generation_prompt=True),
+        ):
+            strings.append(rendered)
+    return strings
 
 
 def _added_tokens(tokenizer: Any) -> list[str]:
@@ -206,6 +226,34 @@ def _added_tokens(tokenizer: Any) -> list[str]:
 def hf_token_ids(tokenizer: Any, strings: list[str]) -> list[list[int]]:
     """The Hugging Face tokenizer's ids for each string, special tokens parsed, nothing added."""
     return [list(tokenizer(text, add_special_tokens=False)["input_ids"]) for text in strings]
+
+
+@dataclass
+class TokenizerProbes:
+    """The strings every artifact's tokenizer is compared on, and the Hugging Face ids it must give.
+
+    Attributes:
+        strings: the probe strings (:func:`probe_strings`), compared with nothing added.
+        expected: the Hugging Face ids of ``strings``.
+        special_texts: the probe prompts, compared with BOS/EOS added as each tokenizer adds them.
+        special_expected: the Hugging Face ids of ``special_texts`` with ``add_special_tokens=True``.
+    """
+
+    strings: list[str]
+    expected: list[list[int]]
+    special_texts: list[str]
+    special_expected: list[list[int]]
+
+    @classmethod
+    def of(cls, tokenizer: Any, strings: list[str]) -> TokenizerProbes:
+        """The Hugging Face tokenizer's answers on ``strings`` and on :data:`PROBE_PROMPTS`."""
+        special_texts = list(PROBE_PROMPTS)
+        return cls(
+            strings=strings,
+            expected=hf_token_ids(tokenizer, strings),
+            special_texts=special_texts,
+            special_expected=[list(tokenizer(text, add_special_tokens=True)["input_ids"]) for text in special_texts],
+        )
 
 
 def count_equal(expected: list[list[int]], actual: list[list[int]]) -> int:
@@ -306,6 +354,29 @@ def judge(
         thresholds=asdict(thresholds),
         passed=not failures,
         failures=failures,
+    )
+
+
+def judge_answers(
+    thresholds: Thresholds,
+    reference: Reference,
+    logits: list[np.ndarray],
+    greedy: list[list[int]] | None,
+    probes: TokenizerProbes,
+    probe_ids: list[list[int]],
+    special_ids: list[list[int]],
+) -> ParityReport:
+    """:func:`judge` an artifact's logits and greedy tokens, and its tokenizer's ids on ``probes.strings``
+    (``probe_ids``) and on ``probes.special_texts`` with specials added (``special_ids``)."""
+    specials = count_equal(probes.special_expected, special_ids)
+    return judge(
+        thresholds,
+        reference,
+        logits,
+        greedy,
+        count_equal(probes.expected, probe_ids),
+        len(probes.strings),
+        specials_equal=specials == len(probes.special_texts),
     )
 
 

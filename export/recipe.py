@@ -1,63 +1,148 @@
-"""The export recipe: what to export, to which format and quantizations, where. Imports without torch."""
+"""The export recipe: what to export, to which format and quantizations, where. Imports without torch.
+
+:class:`ExportRecipe` is a :class:`~edgedistill.config.FlagConfig`: each setting is declared once, and that gives
+its ``--flag``, its help text and its key in a ``--config`` TOML or JSON file, as for ``edgedistill distill``. What
+to export (``FORMAT MODEL_DIR``) is given on the command line only; a file holds the settings of a recipe that can
+be reused across models (``quant = ["q8_0", "q4_k_m"]``, ``threads = 4``).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import argparse
+import contextlib
+import dataclasses
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from edgedistill.config import FlagConfig, load_mapping, setting
 from edgedistill.errors import EdgeDistillError
-from edgedistill.export.gguf import DEFAULT_GGUF_QUANTS, GGUF_QUANTS
-from edgedistill.export.onnx import DEFAULT_ONNX_QUANTS, ONNX_QUANTS
+from edgedistill.export.formats import ExportFormat, FormatRegistry
+from edgedistill.export.registry import FORMATS
 
-# format -> (quantization names, defaults)
-FORMATS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "gguf": (tuple(GGUF_QUANTS), DEFAULT_GGUF_QUANTS),
-    "onnx": (tuple(ONNX_QUANTS), DEFAULT_ONNX_QUANTS),
-}
+# Fields given as positional arguments (FORMAT MODEL_DIR) rather than flags or config-file keys.
+POSITIONAL = ("format", "model")
 
 
 @dataclass
-class ExportRecipe:
-    """One ``edgedistill export`` run.
+class ExportSettings(FlagConfig):
+    """How to export: every field is a flag (``--field-name``) and a key of ``--config FILE``.
 
     Attributes:
-        format: ``"gguf"`` or ``"onnx"``.
-        model: a Hugging Face checkpoint directory, a ``.gguf`` file or a named teacher.
-        quants: quantization names of the format, in the order given (repeats dropped); empty means the defaults.
         out: output directory; receives the artifacts and ``manifest.json``.
+        quant: quantization names of the format, comma-separated or as a list, in the order given (repeats
+            dropped); empty means the format's defaults.
         allow_mismatch: exit 0 even when an artifact fails parity (the manifest still says so).
         threads: CPU threads for PyTorch, llama.cpp and onnxruntime (0: every CPU this process may use).
-        name: model name for file names and metadata (default: from the source).
-        license: licence identifier written into the metadata (default: what the source states).
+        name: model name for file names and metadata (None: from the source).
+        license: licence identifier written into the metadata (None: what the source states).
+        verbose: let llama.cpp, optimum and onnxruntime log.
     """
 
-    format: str
-    model: str
-    out: Path
-    quants: list[str] = field(default_factory=list)
-    allow_mismatch: bool = False
-    threads: int = 0
-    name: str | None = None
-    license: str | None = None
+    out: str = setting("", "output directory (artifacts + manifest.json)", metavar="DIR")
+    quant: list[str] = setting(
+        factory=list, help=f"comma-separated quantizations. {FORMATS.quant_help()}", metavar="LIST"
+    )
+    allow_mismatch: bool = setting(
+        False, "exit 0 even when an artifact fails parity (the manifest records the failure)"
+    )
+    threads: int = setting(0, "CPU threads (0: all this process may use)")
+    # None (not ""): an explicitly empty --name is an error, not a request for the default.
+    name: str = setting(None, "model name for file names and metadata; unset: the source's")
+    license: str = setting(None, "licence id for the metadata; unset: the source's, if any")
+    verbose: bool = setting(False, "let llama.cpp, optimum and onnxruntime log")
 
     def __post_init__(self) -> None:
-        if self.format not in FORMATS:
-            raise EdgeDistillError(f"format: unknown format {self.format!r}; choose from {', '.join(FORMATS)}")
-        known, defaults = FORMATS[self.format]
-        quants = [q.strip().lower() for q in self.quants if q.strip()] or list(defaults)
-        unknown = [q for q in quants if q not in known]
-        if unknown:
-            raise EdgeDistillError(
-                f"--quant: unknown {self.format} quantization {unknown[0]!r}; choose from {', '.join(known)}"
-            )
-        self.quants = list(dict.fromkeys(quants))
-        self.out = Path(self.out)
+        self.out = "" if self.out in (None, "") else str(Path(self.out))  # a caller may pass a Path
+        if not self.out:
+            raise EdgeDistillError("--out: expected an output directory (--out DIR, or out in --config)")
+        raw = [self.quant] if isinstance(self.quant, str) else list(self.quant)
+        quants = [q.strip().lower() for part in raw for q in str(part).split(",") if q.strip()]
+        self.quant = list(dict.fromkeys(quants))
         if self.threads < 0:
             raise EdgeDistillError(f"--threads: must be 0 (all CPUs) or positive, got {self.threads}")
         if self.name is not None and not self.name.strip():
             raise EdgeDistillError("--name: must not be empty")
 
-    @staticmethod
-    def parse_quants(text: str | None) -> list[str]:
-        """``"f16,q8_0"`` -> ``["f16", "q8_0"]``."""
-        return [part for part in (text or "").split(",") if part.strip()]
+
+@dataclass(kw_only=True)
+class ExportRecipe(ExportSettings):
+    """One ``edgedistill export`` run: what to export (``FORMAT MODEL_DIR``) and :class:`ExportSettings`.
+
+    Attributes:
+        format: a name in the format registry (``"gguf"``, ``"onnx"``); checked by :meth:`select`, against
+            the registry the export runs with.
+        model: a Hugging Face checkpoint directory, a ``.gguf`` file or a named teacher.
+    """
+
+    format: str = setting(help="artifact format", metavar="FORMAT")
+    model: str = setting(
+        help="Hugging Face Llama checkpoint directory (e.g. what `edgedistill distill` wrote), a .gguf file, or "
+        "smollm2-135m (the default teacher)",
+        metavar="MODEL_DIR",
+    )
+
+    def select(self, formats: FormatRegistry = FORMATS) -> tuple[ExportFormat, list[str]]:
+        """The format this recipe names and the quantizations to write (the format's defaults when none given).
+
+        Raises:
+            EdgeDistillError: an unknown format (``format: ...``) or quantization (``--quant: ...``).
+        """
+        return formats.select(self.format, self.quant)
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.out)
+
+    # ------------------------------------------------------------------------------------------- the CLI
+
+    @classmethod
+    def add_flags(
+        cls,
+        parser: argparse.ArgumentParser,
+        help_texts: dict[str, str] | None = None,
+        formats: FormatRegistry = FORMATS,
+    ) -> None:
+        """``FORMAT MODEL_DIR`` as positional arguments, then ``--config FILE`` and one flag per setting."""
+        helps = {item.name: item.metadata["help"] for item in dataclasses.fields(cls)}
+        parser.add_argument("format", choices=sorted(formats), help=helps["format"])
+        parser.add_argument("model", metavar="MODEL_DIR", help=helps["model"])
+        ExportSettings.add_flags(parser, help_texts)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, formats: FormatRegistry = FORMATS) -> ExportRecipe:
+        """The recipe :meth:`add_flags`' parser read (defaults, then ``--config``, then flags), checked against
+        ``formats``; an error in a value the config file set names the file."""
+        overrides = {item.name: getattr(args, item.name, None) for item in dataclasses.fields(cls)}
+        config_file = getattr(args, "config", None)
+        with _naming_file(config_file, overrides):
+            recipe = cls.from_sources(config_file, overrides)
+            recipe.select(formats)
+        return recipe
+
+    @classmethod
+    def from_sources(cls, config_file: str | None, overrides: dict[str, Any]) -> ExportRecipe:
+        """:meth:`FlagConfig.from_sources`, refusing ``format`` and ``model`` in the file: the command line
+        always gives them, so a file's value would be silently ignored."""
+        if config_file:
+            for key in load_mapping(config_file):
+                if key in POSITIONAL:
+                    raise EdgeDistillError(
+                        f"{config_file}: {key}: given on the command line (FORMAT MODEL_DIR), not in a config file"
+                    )
+        return super().from_sources(config_file, overrides)
+
+
+@contextlib.contextmanager
+def _naming_file(config_file: str | None, overrides: dict[str, Any]) -> Iterator[None]:
+    """Prefix an ``--flag: ...`` error with the config file's name when the file, not a flag, set that value
+    (FlagConfig does this for errors that start with the field's name; ours start with the flag's, as they
+    always have)."""
+    try:
+        yield
+    except EdgeDistillError as err:
+        flag = str(err).split(":", 1)[0]
+        if config_file and flag.startswith("--") and overrides.get(flag[2:].replace("-", "_")) is None:
+            raise EdgeDistillError(f"{config_file}: {err}") from None
+        raise

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edgedistill._deps import require
+from edgedistill.deps import require
 from edgedistill.distill.gguf_tokenizer import check_gguf_header, read_gguf_metadata
 from edgedistill.distill.teacher import NAMED_TEACHERS, TeacherSource, named_teacher_path
 from edgedistill.distill.train import SUMMARY as TRAIN_SUMMARY

@@ -1,8 +1,8 @@
 """The GGUF backend: llama.cpp (through llama-cpp-python) computes the logits, our sampler chooses the tokens.
 
-llama.cpp can abort the whole process on a malformed file, so ``gguf_header.read_gguf_header`` parses the header
-first (magic, version, metadata, tensor table) and checks the model it declares against what llama.cpp asserts
-on. Only a file that passes is handed to llama.cpp.
+llama.cpp can abort the whole process on a malformed file, so :func:`edgedistill.gguf_header.read_gguf_header` (the
+shared core's GGUF reader) parses the header first (magic, version, metadata, tensor table) and checks the model it
+declares against what llama.cpp asserts on. Only a file that passes is handed to llama.cpp.
 
 The model is opened with :class:`edgedistill.llamacpp.LlamaCpp` (llama-cpp-python's low-level API, with the
 weight-buffer choice that keeps AMX CPUs from crashing). Decoding evaluates one token at a time, asking for the
@@ -19,14 +19,14 @@ from typing import Any
 import gguf
 import numpy as np
 
+from edgedistill.deps import require
 from edgedistill.errors import EdgeDistillError
+from edgedistill.gguf_header import read_gguf_header
 from edgedistill.llamacpp import LlamaCpp
-from edgedistill.runtime.gguf_header import GgufArray, GgufHeader, read_gguf_header
 from edgedistill.runtime.model import (
     LanguageModel,
     ModelInfo,
     check_cache_memory,
-    require_module,
     resolve_context,
     resolve_threads,
 )
@@ -36,8 +36,6 @@ from edgedistill.runtime.text import ChatTemplate, check_utf8
 PREFILL_BATCH = 512
 # Metadata keys tokenizer.ggml.{kind}_token_id that end a generation.
 END_TOKEN_KINDS = ("eos", "eot", "eom")
-# Re-exported: the bench reads GGUF headers through this module.
-__all__ = ["GgufArray", "GgufHeader", "GgufModel", "read_gguf_header"]
 
 
 class GgufModel(LanguageModel):
@@ -57,7 +55,7 @@ class GgufModel(LanguageModel):
 
     def __init__(self, path: Path, threads: int | None = None, context: int | None = None, verbose: bool = False):
         super().__init__()
-        llama_cpp = require_module("llama_cpp")
+        llama_cpp = require("llama_cpp")
         path = Path(path)
         header = read_gguf_header(path)
         template = header.metadata.get(gguf.Keys.Tokenizer.CHAT_TEMPLATE)

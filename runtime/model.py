@@ -7,16 +7,12 @@ rest on them, so that both formats sample, stop and detokenize identically.
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import os
 import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -24,18 +20,11 @@ import numpy as np
 from edgedistill.errors import EdgeDistillError
 from edgedistill.runtime.sampling import Sampler, SamplingParams
 from edgedistill.runtime.text import ChatTemplate, IncrementalDecoder, StopMatcher, check_utf8
+from edgedistill.system import MAX_CONTEXT, available_cpus
 
 # The context a backend allocates when the caller gives none (tokens), capped by what the model was built for.
+# (The most a caller may ask for, MAX_CONTEXT, is the core's: a GGUF file may declare no more.)
 DEFAULT_CONTEXT = 2048
-# The longest context a model file may declare and a caller may ask for (tokens): 16 times the 1M of the longest
-# open models today, and small enough that llama.cpp's 32-bit position arithmetic cannot overflow.
-MAX_CONTEXT = 1 << 24
-# Each backend's package and the extra that installs it.
-_INSTALL_HINTS = {
-    "onnxruntime": "pip install 'edgedistill[runtime]' (or pip install onnxruntime)",
-    "llama_cpp": "pip install 'edgedistill[runtime]' (llama-cpp-python compiles llama.cpp: several minutes)",
-    "jinja2": "pip install 'edgedistill[runtime]' (or pip install jinja2)",
-}
 FINISH_STOP = "stop"  # an end-of-generation token or a stop string
 FINISH_LENGTH = "length"  # max_tokens reached, or the context is full
 
@@ -208,6 +197,24 @@ class LanguageModel(ABC):
     def context(self) -> int:
         """Tokens this instance holds: prompt plus output."""
         return self.info.context
+
+    def reset_cache(self) -> None:
+        """Empty the KV cache: the next :meth:`evaluate` starts at position 0."""
+        with self._locked():
+            self._cached = []
+            self._truncate(0)
+
+    def evaluate(self, token_ids: Sequence[int], start: int) -> np.ndarray:
+        """Run ``token_ids`` at positions ``start...`` through the cache and return the last position's logits.
+
+        The low-level step that generation is made of, for measurement loops (the bench times prefill and each
+        decode step with it): the cache must hold exactly ``start`` tokens (after :meth:`reset_cache`, 0).
+        The result may be a view of a buffer that the next call overwrites. Call :meth:`reset_cache` afterwards:
+        generation does not reuse what this left in the cache.
+        """
+        with self._locked():
+            self._cached = []  # what is cached is no longer a prefix generation may reuse
+            return self._evaluate(token_ids, start)
 
     def logits(self, token_ids: Sequence[int]) -> np.ndarray:
         """float32 ``[len(token_ids), vocab]``: the logits at every position, for evaluation (perplexity, parity).
@@ -382,22 +389,6 @@ class LanguageModel(ABC):
             )
 
 
-def require_module(name: str) -> ModuleType:
-    """Import a backend's package, or raise an error that says which install provides it."""
-    if importlib.util.find_spec(name) is None:
-        hint = _INSTALL_HINTS.get(name, f"pip install {name}")
-        raise EdgeDistillError(f"this model format needs the Python package '{name}', which is not installed: {hint}")
-    return importlib.import_module(name)
-
-
-def available_cpus() -> int:
-    """CPUs this process may run on (its affinity mask where the platform has one)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
 def resolve_context(context: int | None, trained: int | None) -> int:
     """The context to allocate: the caller's (checked against the model's maximum) or the default.
 
@@ -448,7 +439,7 @@ def resolve_threads(threads: int | None) -> int:
         EdgeDistillError: not a non-negative integer.
     """
     if threads is None or (isinstance(threads, int) and not isinstance(threads, bool) and threads == 0):
-        return available_cpus()
+        return len(available_cpus())
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
         raise EdgeDistillError(f"threads: must be a positive integer (0 or None: all CPUs), got {threads!r}")
     return threads

@@ -28,13 +28,13 @@ from typing import Any
 
 import numpy as np
 
+from edgedistill.deps import require
 from edgedistill.errors import EdgeDistillError
 from edgedistill.runtime.model import (
     MAX_CONTEXT,
     LanguageModel,
     ModelInfo,
     check_cache_memory,
-    require_module,
     resolve_context,
     resolve_threads,
 )
@@ -184,7 +184,7 @@ class OnnxModel(LanguageModel):
         self, path: Path, threads: int | None = None, context: int | None = None, fuse_attention: bool = True
     ) -> None:
         super().__init__()
-        ort = require_module("onnxruntime")
+        ort = require("onnxruntime")
         model_file = resolve_onnx_path(path)
         directory = model_file.parent
         config = _read_json(directory / CONFIG_FILE, required=True)
@@ -242,7 +242,7 @@ class OnnxModel(LanguageModel):
     def _load_tokenizer(
         self, directory: Path, config: dict[str, Any], generation: dict[str, Any], tokenizer_config: dict[str, Any]
     ) -> None:
-        tokenizers = require_module("tokenizers")
+        tokenizers = require("tokenizers")
         tokenizer_file = directory / TOKENIZER_FILE
         if not tokenizer_file.is_file():
             raise EdgeDistillError(f"{directory}: missing {TOKENIZER_FILE} (the runtime needs a fast tokenizer)")

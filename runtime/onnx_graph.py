@@ -109,7 +109,6 @@ def fuse_attention(model_file: Path, config: dict[str, Any], positions: int) -> 
     if reason:
         return FusedGraph(None, reason)
     import onnx
-    from onnx import TensorProto, helper, numpy_helper
 
     try:
         model = onnx.load(str(model_file))
@@ -121,42 +120,84 @@ def fuse_attention(model_file: Path, config: dict[str, Any], positions: int) -> 
     head_dim = int(config.get("head_dim") or int(config["hidden_size"]) // heads)
     layers = int(config["num_hidden_layers"])
 
-    producer = {output: node for node in graph.node for output in node.output}
-    consumers: dict[str, list[Any]] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    # Decide the edits: per layer the attention and the gate/up pair, then every norm that follows a residual sum.
+    rewrite = _Rewrite(graph)
+    for layer in range(layers):
+        if not rewrite.fuse_attention(layer, heads, kv_heads):
+            return FusedGraph(None, f"layer {layer}'s attention does not have the structure optimum exports")
+        rewrite.pack_gate_up(layer)
+    epsilon = float(config.get("rms_norm_eps", 1e-6))
+    norms = [
+        f"/model/layers.{i}/{name}/" for i in range(layers) for name in ("input_layernorm", "post_attention_layernorm")
+    ]
+    for scope in [*norms, "/model/norm/"]:
+        rewrite.fuse_norm(scope, epsilon)
 
-    weights = {tensor.name: tensor for tensor in graph.initializer}
+    # Apply them, if what is left of the graph still reads only what the runtime feeds.
+    nodes, needed = rewrite.nodes_feeding_outputs()
+    dtype, reason = _cache_dtype(graph)
+    if dtype is None:
+        return FusedGraph(None, reason)
+    inputs = [i for i in graph.input if i.name in needed]
+    stray = [i.name for i in inputs if i.name not in KEPT_INPUTS and not i.name.startswith("past_key_values.")]
+    if stray:
+        return FusedGraph(None, f"inputs {', '.join(stray)} are still used after the rewrite")
+    _install(model, nodes, inputs, rewrite.new_weights, needed, rotary_tables(config, head_dim, positions, dtype))
+    if model.ByteSize() > MAX_SERIALIZED_BYTES:
+        return FusedGraph(None, "the model is larger than one protobuf message may be")
+    return FusedGraph(model.SerializeToString(), "", layers)
 
-    def constant(name: str) -> str | None:
+
+class _Rewrite:
+    """An exported graph indexed for the rewrite, and the edits decided on so far.
+
+    The graph itself is not changed until :func:`_install`, so the indexes (which tensor each node produces and
+    reads, the initializers) hold throughout. Nodes are keyed by ``id``: protobuf messages are not hashable.
+    """
+
+    def __init__(self, graph: Any) -> None:
+        self.graph = graph
+        self.producer = {output: node for node in graph.node for output in node.output}
+        self.consumers: dict[str, list[Any]] = {}
+        for node in graph.node:
+            for name in node.input:
+                self.consumers.setdefault(name, []).append(node)
+        self.weights = {tensor.name: tensor for tensor in graph.initializer}
+        self.new_weights: list[Any] = []
+        self.dropped: set[int] = set()  # nodes whose outputs the new nodes produce
+        self.replaced: dict[int, list[Any]] = {}  # id of a node -> the nodes emitted in its place
+
+    # ------------------------------------------------------------------------------------------------- queries
+
+    def constant(self, name: str) -> str | None:
         """The initializer a tensor is, directly or through an Identity (the exporter shares equal weights)."""
-        if name in weights:
+        if name in self.weights:
             return name
-        node = producer.get(name)
-        if node is not None and node.op_type == "Identity" and node.input[0] in weights:
+        node = self.producer.get(name)
+        if node is not None and node.op_type == "Identity" and node.input[0] in self.weights:
             return node.input[0]
         return None
 
-    def scope_output(scope: str) -> str | None:
+    def scope_output(self, scope: str) -> str | None:
         """The one tensor a module's nodes hand to nodes outside it (a projection's result)."""
         found = {
             output
-            for node in graph.node
+            for node in self.graph.node
             if node.name.startswith(scope)
             for output in node.output
-            if any(not user.name.startswith(scope) for user in consumers.get(output, []))
+            if any(not user.name.startswith(scope) for user in self.consumers.get(output, []))
         }
         return found.pop() if len(found) == 1 else None
 
-    def scope_input(scope: str) -> str | None:
+    def scope_input(self, scope: str) -> str | None:
         """The one tensor computed outside a module that its nodes read (the o projection's input)."""
+        producer = self.producer
         found = {
             name
-            for node in graph.node
+            for node in self.graph.node
             if node.name.startswith(scope)
             for name in node.input
-            if name in producer and not producer[name].name.startswith(scope) and constant(name) is None
+            if name in producer and not producer[name].name.startswith(scope) and self.constant(name) is None
         }
         sources = {id(producer[name]) for name in found}
         if len(found) > 1 and len(sources) == 1:
@@ -167,26 +208,30 @@ def fuse_attention(model_file: Path, config: dict[str, Any], positions: int) -> 
                 return quantizer.input[0]
         return found.pop() if len(found) == 1 else None
 
-    new_weights: list[Any] = []
-    dropped: set[int] = set()  # nodes whose outputs the new nodes produce
-    replaced: dict[int, list[Any]] = {}  # id of a node -> the nodes emitted in its place
-    for layer in range(layers):
+    # --------------------------------------------------------------------------------------------------- edits
+
+    def fuse_attention(self, layer: int, heads: int, kv_heads: int) -> bool:
+        """Replace the layer's attention, from the q, k and v projections' outputs to the o projection's input, by
+        one GroupQueryAttention writing the cache in place; False when the layer is not shaped as optimum exports."""
+        from onnx import helper
+
+        producer = self.producer
         scope = f"/model/layers.{layer}/self_attn/"
-        q, k, v = (scope_output(f"{scope}{name}_proj/") for name in ("q", "k", "v"))
-        o_input = scope_input(f"{scope}o_proj/")
+        q, k, v = (self.scope_output(f"{scope}{name}_proj/") for name in ("q", "k", "v"))
+        o_input = self.scope_input(f"{scope}o_proj/")
         past = [PAST.format(layer=layer, kind=kind) for kind in ("key", "value")]
         present = [PRESENT.format(layer=layer, kind=kind) for kind in ("key", "value")]
         if None in (q, k, v, o_input) or any(name not in producer for name in present):
-            return FusedGraph(None, f"layer {layer}'s attention does not have the structure optimum exports")
-        dropped.update(id(producer[name]) for name in present)
+            return False
+        self.dropped.update(id(producer[name]) for name in present)
         # Float projections of the same input become one MatMul whose output GroupQueryAttention splits itself.
-        packed = _pack_matmuls([producer[q], producer[k], producer[v]], weights, f"{scope}qkv_proj")
+        packed = _pack_matmuls([producer[q], producer[k], producer[v]], self.weights, f"{scope}qkv_proj")
         if packed is not None:
             node, weight = packed
-            replaced[id(producer[q])] = [node]
-            new_weights.append(weight)
+            self.replaced[id(producer[q])] = [node]
+            self.new_weights.append(weight)
             q, k, v = node.output[0], "", ""
-        replaced[id(producer[o_input])] = [
+        self.replaced[id(producer[o_input])] = [
             helper.make_node(
                 "GroupQueryAttention",
                 [q, k, v, *past, SEQLENS_K, TOTAL_SEQUENCE_LENGTH, COS_CACHE, SIN_CACHE],
@@ -200,48 +245,53 @@ def fuse_attention(model_file: Path, config: dict[str, Any], positions: int) -> 
                 local_window_size=-1,
             )
         ]
-        # The MLP's gate and up projections likewise, split back into the two tensors the rest reads.
-        mlp = f"/model/layers.{layer}/mlp/"
-        gate, up = scope_output(f"{mlp}gate_proj/"), scope_output(f"{mlp}up_proj/")
-        if gate is not None and up is not None:
-            packed = _pack_matmuls([producer[gate], producer[up]], weights, f"{mlp}gate_up_proj")
-            if packed is not None:
-                node, weight = packed
-                widths = [int(weights[producer[name].input[1]].dims[1]) for name in (gate, up)]
-                sizes = numpy_helper.from_array(np.array(widths, dtype=np.int64), f"{mlp}gate_up_proj.split")
-                split = helper.make_node(
-                    "Split", [node.output[0], sizes.name], [gate, up], f"{mlp}gate_up_proj/Split", axis=-1
-                )
-                replaced[id(producer[gate])] = [node, split]
-                dropped.add(id(producer[up]))
-                new_weights.extend([weight, sizes])
+        return True
 
-    # Each RMSNorm that reads a residual sum becomes one SkipSimplifiedLayerNormalization that also computes the
-    # sum (its fourth output), in place of the Add.
-    epsilon = float(config.get("rms_norm_eps", 1e-6))
-    norms = [
-        f"/model/layers.{i}/{name}/" for i in range(layers) for name in ("input_layernorm", "post_attention_layernorm")
-    ]
-    for scope in [*norms, "/model/norm/"]:
-        source = scope_input(scope)
+    def pack_gate_up(self, layer: int) -> None:
+        """The MLP's gate and up projections as one MatMul, split back into the two tensors the rest reads (float
+        projections only; otherwise nothing changes)."""
+        from onnx import helper, numpy_helper
+
+        producer = self.producer
+        mlp = f"/model/layers.{layer}/mlp/"
+        gate, up = self.scope_output(f"{mlp}gate_proj/"), self.scope_output(f"{mlp}up_proj/")
+        if gate is None or up is None:
+            return
+        packed = _pack_matmuls([producer[gate], producer[up]], self.weights, f"{mlp}gate_up_proj")
+        if packed is None:
+            return
+        node, weight = packed
+        widths = [int(self.weights[producer[name].input[1]].dims[1]) for name in (gate, up)]
+        sizes = numpy_helper.from_array(np.array(widths, dtype=np.int64), f"{mlp}gate_up_proj.split")
+        split = helper.make_node("Split", [node.output[0], sizes.name], [gate, up], f"{mlp}gate_up_proj/Split", axis=-1)
+        self.replaced[id(producer[gate])] = [node, split]
+        self.dropped.add(id(producer[up]))
+        self.new_weights.extend([weight, sizes])
+
+    def fuse_norm(self, scope: str, epsilon: float) -> None:
+        """An RMSNorm that reads a residual sum as one SkipSimplifiedLayerNormalization that also computes the sum
+        (its fourth output), in place of the Add; other norms stay as they are."""
+        from onnx import helper
+
+        source = self.scope_input(scope)
         # The norm's result is what its weight multiplies; other tensors may leave the scope too (the exporter reuses
         # the norm's input cast for the residual branch).
         scaling = [
             (node, gamma)
-            for node in graph.node
+            for node in self.graph.node
             if node.name.startswith(scope) and node.op_type == "Mul"
-            for gamma in map(constant, node.input)
-            if gamma is not None and len(weights[gamma].dims) == 1
+            for gamma in map(self.constant, node.input)
+            if gamma is not None and len(self.weights[gamma].dims) == 1
         ]
         if len(scaling) != 1:
-            continue
+            return
         result, gamma = scaling[0][0].output[0], scaling[0][1]
-        add = producer.get(source) if source is not None else None
-        if add is None or add.op_type != "Add" or id(add) in replaced:
-            continue
-        if any(name in weights or name not in producer or not name for name in add.input):
-            continue
-        replaced[id(add)] = [
+        add = self.producer.get(source) if source is not None else None
+        if add is None or add.op_type != "Add" or id(add) in self.replaced:
+            return
+        if any(name in self.weights or name not in self.producer or not name for name in add.input):
+            return
+        self.replaced[id(add)] = [
             helper.make_node(
                 "SkipSimplifiedLayerNormalization",
                 [add.input[0], add.input[1], gamma],
@@ -251,33 +301,56 @@ def fuse_attention(model_file: Path, config: dict[str, Any], positions: int) -> 
                 epsilon=epsilon,
             )
         ]
-        dropped.add(id(producer[result]))
+        self.dropped.add(id(self.producer[result]))
 
-    # New nodes take the places of nodes they replace, which keeps the order topological; then only what still
-    # feeds an output is kept: the old attention, mask and position arithmetic fall away.
-    nodes = [new for node in graph.node if id(node) not in dropped for new in replaced.get(id(node), [node])]
-    graph.initializer.extend(new_weights)
-    needed = {output.name for output in graph.output}
-    kept = []
-    for node in reversed(nodes):
-        if any(output in needed for output in node.output):
-            kept.append(node)
-            needed.update(name for name in node.input if name)
-    kept.reverse()
+    def nodes_feeding_outputs(self) -> tuple[list[Any], set[str]]:
+        """The rewritten node list, pruned to what still feeds a graph output, and the tensors those nodes read.
+
+        New nodes take the places of nodes they replace, which keeps the order topological; the old attention, the
+        mask and the position arithmetic fall away.
+        """
+        graph = self.graph
+        nodes = [
+            new for node in graph.node if id(node) not in self.dropped for new in self.replaced.get(id(node), [node])
+        ]
+        needed = {output.name for output in graph.output}
+        kept = []
+        for node in reversed(nodes):
+            if any(output in needed for output in node.output):
+                kept.append(node)
+                needed.update(name for name in node.input if name)
+        kept.reverse()
+        return kept, needed
+
+
+def _cache_dtype(graph: Any) -> tuple[Any, str]:
+    """The numpy type of the cache inputs (the rotary tables take it), or None and why the rewrite cannot use it."""
+    from onnx import TensorProto
+
     cache_input = next((i for i in graph.input if i.name == PAST.format(layer=0, kind="key")), None)
     if cache_input is None:
-        return FusedGraph(None, "no past_key_values inputs")
+        return None, "no past_key_values inputs"
     elem_type = cache_input.type.tensor_type.elem_type
     dtype = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16}.get(elem_type)
-    if dtype is None:
-        return FusedGraph(None, f"cache element type {elem_type}")
-    inputs = [i for i in graph.input if i.name in needed]
-    stray = [i.name for i in inputs if i.name not in KEPT_INPUTS and not i.name.startswith("past_key_values.")]
-    if stray:
-        return FusedGraph(None, f"inputs {', '.join(stray)} are still used after the rewrite")
+    return dtype, "" if dtype is not None else f"cache element type {elem_type}"
 
+
+def _install(
+    model: Any,
+    nodes: list[Any],
+    inputs: list[Any],
+    new_weights: list[Any],
+    needed: set[str],
+    rotary: tuple[np.ndarray, np.ndarray],
+) -> None:
+    """Put the rewritten nodes into ``model``: cache inputs and outputs sized ``cache_length``, GroupQueryAttention's
+    two length inputs added, only the initializers still read kept (the new ones included), the rotary tables added."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = model.graph
+    graph.initializer.extend(new_weights)
     del graph.node[:]
-    graph.node.extend(kept)
+    graph.node.extend(nodes)
     for value in list(inputs) + [o for o in graph.output if o.name.startswith("present.")]:
         if value.name.startswith(("past_key_values.", "present.")):
             value.type.tensor_type.shape.dim[2].dim_param = CACHE_LENGTH_DIM
@@ -292,15 +365,12 @@ def fuse_attention(model_file: Path, config: dict[str, Any], positions: int) -> 
     initializers = [t for t in graph.initializer if t.name in needed]
     del graph.initializer[:]
     graph.initializer.extend(initializers)
-    cos, sin = rotary_tables(config, head_dim, positions, dtype)
+    cos, sin = rotary
     graph.initializer.extend([numpy_helper.from_array(cos, COS_CACHE), numpy_helper.from_array(sin, SIN_CACHE)])
     # Intermediate shapes recorded by the exporter may no longer hold; onnxruntime infers them again.
     del graph.value_info[:]
     if not any(opset.domain == MS_DOMAIN for opset in model.opset_import):
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
-    if model.ByteSize() > MAX_SERIALIZED_BYTES:
-        return FusedGraph(None, "the model is larger than one protobuf message may be")
-    return FusedGraph(model.SerializeToString(), "", layers)
 
 
 def _pack_matmuls(nodes: list[Any], weights: dict[str, Any], name: str) -> tuple[Any, Any] | None:

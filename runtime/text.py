@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
-from edgedistill.errors import EdgeDistillError
+from edgedistill.errors import EdgeDistillError, one_line
 
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 
@@ -291,12 +291,6 @@ def decode_utf8(data: bytes, what: str) -> str:
     except UnicodeDecodeError as err:
         byte = data[err.start : err.start + 1].hex()
         raise EdgeDistillError(f"{what}: not valid UTF-8 (byte 0x{byte} at offset {err.start})") from None
-
-
-def one_line(text: str, limit: int = 300) -> str:
-    """``text`` with its whitespace runs (newlines included) collapsed, cut to ``limit`` characters."""
-    flat = " ".join(str(text).split())
-    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
 
 
 def check_messages(messages: Any) -> None:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from edgedistill.bench.harness import DEFINITIONS, SCHEMA, SCHEMA_VERSION
+from edgedistill.bench.harness import DEFINITIONS
+from edgedistill.bench.report import SCHEMA, SCHEMA_VERSION
 
 
 def stat(mean: float, std: float = 0.0, n: int = 3) -> dict[str, float | int]:

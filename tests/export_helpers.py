@@ -40,13 +40,16 @@ def save_checkpoint(directory: Path, tokenizer=None, seed: int = 0) -> Path:
     return directory
 
 
-def run_export(*argv: str) -> int:
-    """``edgedistill export ARGV`` through the two functions the CLI registers."""
+def run_export(*argv: str, formats=None) -> int:
+    """``edgedistill export ARGV`` through the two functions the CLI registers (with another format registry when
+    ``formats`` is given)."""
     from edgedistill.export.cli import add_args, run
+    from edgedistill.export.registry import FORMATS
 
+    formats = formats if formats is not None else FORMATS
     parser = argparse.ArgumentParser(prog="edgedistill export")
-    add_args(parser)
-    return run(parser.parse_args(list(argv)))
+    add_args(parser, formats)
+    return run(parser.parse_args(list(argv)), formats)
 
 
 def last_json_line(stdout: str) -> dict:

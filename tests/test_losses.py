@@ -298,3 +298,11 @@ def test_cached_teacher_supports_forward_kl_only():
         losses.chunked_distillation_loss(
             hidden, head, labels, None, teacher_ids=ids, teacher_logprobs=values, teacher_tail=tail, name="rkl"
         )
+
+
+def test_the_torch_free_config_names_every_divergence():
+    """A loss is added in distill/losses.py; the config, which imports without torch, validates --loss against its
+    own list of names: the two must agree."""
+    from edgedistill.distill.config import LOSSES
+
+    assert set(LOSSES) == set(losses.DIVERGENCES)

@@ -226,7 +226,7 @@ def test_a_loss_that_becomes_infinite_stops_the_run_and_keeps_the_last_good_chec
     from transformers import AutoTokenizer
 
     from edgedistill.distill.data import load_data
-    from edgedistill.distill.train import _BatchOrder
+    from edgedistill.distill.train import BatchOrder
 
     plain = [{"text": f"{line} Example number {i}."} for i in range(20) for line in TRAINING_TEXT]
     data = write_jsonl(tmp_path / "d.jsonl", plain[:40] + [{"text": "so <think>here</think> it is"}] + plain[40:])
@@ -236,7 +236,7 @@ def test_a_loss_that_becomes_infinite_stops_the_run_and_keeps_the_last_good_chec
     assert tagged, "the trick needs a tag in the training split"
 
     def first_tagged_step(seed):
-        order = _BatchOrder(train_rows.num_sequences, 4, seed, 1, 0)
+        order = BatchOrder(train_rows.num_sequences, 4, seed, 1, 0)
         return next(step for step in range(1, 10_000) if tagged & set(order.rows(step - 1)))
 
     seed, step = next((s, k) for s in range(200) if 3 <= (k := first_tagged_step(s)) <= 12)

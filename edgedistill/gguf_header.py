@@ -1,4 +1,4 @@
-"""A GGUF file's header read and checked in Python, before llama.cpp sees the file.
+"""The one GGUF header reader of every stage: a file's header parsed and checked in Python, without its weights.
 
 llama.cpp trusts what a file declares. A layer count above its maximum, a NaN or negative norm epsilon, a repeated
 token, an expert count without experts used or an unknown RoPE scaling type end the whole process in a
@@ -6,10 +6,15 @@ token, an expert count without experts used or an unknown RoPE scaling type end 
 arithmetic. So :func:`read_gguf_header` parses the header (magic, version, metadata, tensor table) with every read
 bounds-checked, and :func:`check_model` refuses, in one line that names the file and the key, what llama.cpp would
 abort on or misread: the layer count against the ``blk.N`` tensors present, epsilons, RoPE values, head counts,
-widths against the tensor shapes, the vocabulary against the embedding rows, and the special token ids. Only a
-file that passes is handed to llama.cpp.
+widths against the tensor shapes, the vocabulary against the embedding rows, and the special token ids. The runtime
+hands only a file that passes to llama.cpp.
 
-The key names and tensor names are gguf-py's own (``gguf.Keys``, ``gguf.TENSOR_NAMES``).
+:func:`read_gguf_metadata` is the same parse without the model checks, giving plain Python values (arrays read in
+full): what the distillation stage builds a teacher's tokenizer from, and the export stage reads a GGUF source's
+``general.*`` keys with.
+
+Part of the shared core: it imports only :mod:`edgedistill.errors` and gguf-py. The key names and tensor names are
+gguf-py's own (``gguf.Keys``, ``gguf.TENSOR_NAMES``).
 """
 
 from __future__ import annotations
@@ -24,9 +29,8 @@ from typing import Any
 
 import gguf
 
-from edgedistill.errors import EdgeDistillError
-from edgedistill.runtime.model import MAX_CONTEXT
-from edgedistill.runtime.text import one_line
+from edgedistill.errors import EdgeDistillError, one_line
+from edgedistill.system import MAX_CONTEXT
 
 # GGUF versions this reader understands; version 1 (2023) had 32-bit counts and llama.cpp no longer loads it.
 SUPPORTED_VERSIONS = (2, 3)
@@ -41,7 +45,8 @@ MAX_WIDTH = 1 << 22  # embedding, feed-forward and head widths
 MAX_HEADS = 1 << 14
 # Numeric metadata arrays up to this length are read (per-layer head counts and widths); longer ones are skipped.
 KEPT_ARRAY_ITEMS = 1 << 16
-# String arrays whose items are read (the vocabulary, to check it); the others (merges) are only skipped over.
+# Arrays always read in full (the vocabulary, to check it); other string arrays (merges) are only skipped over,
+# unless the caller asks for them (``arrays_under``).
 READ_STRING_ARRAYS = frozenset({gguf.Keys.Tokenizer.LIST})
 # Special tokens the runtime uses; each must be a token of the vocabulary when the file names it.
 SPECIAL_TOKEN_KEYS = (
@@ -54,6 +59,9 @@ SPECIAL_TOKEN_KEYS = (
 LAYER_TENSOR = re.compile(r"blk\.(\d+)\.")
 INT64_MAX = 2**63 - 1
 _U64 = struct.Struct("<Q")
+GGUF_MAGIC_BYTES = struct.pack("<I", gguf.GGUF_MAGIC)  # b"GGUF"
+# The smallest file that holds the magic, the version and the two counts.
+MIN_FILE_BYTES = 24
 
 _SCALAR_FORMATS = {
     gguf.GGUFValueType.UINT8: "B",
@@ -74,8 +82,8 @@ _SCALAR_FORMATS = {
 class GgufArray:
     """A metadata array: its GGUF item type, its length, and its items where they were read (else None).
 
-    Numeric arrays of at most :data:`KEPT_ARRAY_ITEMS` items are read as a tuple of numbers; the string arrays of
-    :data:`READ_STRING_ARRAYS` as a tuple of ``bytes``.
+    Numeric arrays of at most :data:`KEPT_ARRAY_ITEMS` items are read as a tuple of numbers; the arrays of
+    :data:`READ_STRING_ARRAYS`, and any the caller asks for (``arrays_under``), in full: strings as ``bytes``.
     """
 
     item_type: int
@@ -149,16 +157,25 @@ def _is_int(value: Any) -> bool:
 
 
 class _Reader:
-    """Bounds-checked little-endian reads from a memory map; running past the end names the field being read."""
+    """Bounds-checked little-endian reads from a memory map; running past the end names the field being read.
 
-    def __init__(self, data: mmap.mmap | bytes, path: Path) -> None:
+    Args:
+        arrays_under: arrays whose key starts with this are read in full, whatever their length (None: only
+            :data:`READ_STRING_ARRAYS` and numeric arrays of at most :data:`KEPT_ARRAY_ITEMS` items).
+    """
+
+    def __init__(self, data: mmap.mmap | bytes, path: Path, arrays_under: str | None = None) -> None:
         self.data = data
         self.size = len(data)
         self.pos = 0
         self.path = path
+        self.arrays_under = arrays_under
 
     def fail(self, what: str) -> EdgeDistillError:
         return EdgeDistillError(f"{self.path}: not a valid GGUF file ({what})")
+
+    def reads_in_full(self, key: str) -> bool:
+        return key in READ_STRING_ARRAYS or (self.arrays_under is not None and key.startswith(self.arrays_under))
 
     def take(self, size: int, what: str) -> int:
         if size < 0 or self.pos + size > self.size:
@@ -204,12 +221,19 @@ class _Reader:
             raise self.fail(f"{what} is not UTF-8 text") from None
 
 
-def read_gguf_header(path: Path) -> GgufHeader:
+def read_gguf_header(path: Path, *, check: bool = True, arrays_under: str | None = None) -> GgufHeader:
     """Parse and check a GGUF file's header without loading its weights.
 
     Checks the magic and version, reads every metadata entry and tensor description, and verifies that each
     tensor's data (offset plus size for its ggml type) lies inside the file, so a truncated download is caught; then
     :func:`check_model` checks the model the metadata describes.
+
+    Args:
+        path: the ``.gguf`` file.
+        check: also refuse a model llama.cpp cannot run (:func:`check_model`); without it, only the file's structure
+            is checked (a vocabulary-only GGUF passes).
+        arrays_under: read every metadata array whose key starts with this in full (e.g. ``"tokenizer."`` for the
+            merges and token types); by default only the vocabulary and short numeric arrays are read.
 
     Raises:
         EdgeDistillError: the file is missing, not GGUF, of an unsupported version, corrupt, truncated, or declares
@@ -219,23 +243,60 @@ def read_gguf_header(path: Path) -> GgufHeader:
     if not path.is_file():
         raise EdgeDistillError(f"{path}: no such model file")
     size = path.stat().st_size
-    if size < 24:
-        raise EdgeDistillError(f"{path}: not a valid GGUF file (only {size} bytes)")
     try:
-        with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
-            header = _parse(_Reader(data, path), size)
+        with open(path, "rb") as handle:
+            if size < MIN_FILE_BYTES:
+                head = handle.read(len(GGUF_MAGIC_BYTES))
+                if len(head) == len(GGUF_MAGIC_BYTES) and head != GGUF_MAGIC_BYTES:
+                    raise _not_gguf(path, head)
+                raise EdgeDistillError(f"{path}: not a valid GGUF file (only {size} bytes)")
+            with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
+                header = _parse(_Reader(data, path, arrays_under), size)
     except OSError as err:
         raise EdgeDistillError(f"{path}: cannot be read ({err.strerror or err})") from None
-    check_model(header, path)
+    if check:
+        check_model(header, path)
     return header
+
+
+def read_gguf_metadata(path: Path, prefix: str = "") -> dict[str, Any]:
+    """The metadata of a GGUF file whose keys start with ``prefix``, as plain Python values.
+
+    Scalars and strings as they are, arrays as lists (string items decoded from UTF-8). The file gets the structural
+    checks of :func:`read_gguf_header`, not the model checks: a tokenizer can be read from any well-formed file.
+
+    Raises:
+        EdgeDistillError: the file is missing, not GGUF, corrupt or truncated, or holds a string that is not UTF-8.
+    """
+    path = Path(path)
+    header = read_gguf_header(path, check=False, arrays_under=prefix)
+    return {key: _plain(value, key, path) for key, value in header.metadata.items() if key.startswith(prefix)}
+
+
+def _plain(value: Any, key: str, path: Path) -> Any:
+    """A metadata value read in full as plain Python: a :class:`GgufArray` as a list, its strings decoded."""
+    if not isinstance(value, GgufArray):
+        return value
+    if value.item_type != gguf.GGUFValueType.STRING:
+        return list(value.values or ())
+    texts = []
+    for index, item in enumerate(value.values or ()):
+        try:
+            texts.append(item.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise EdgeDistillError(f"{path}: not a valid GGUF file ({key}[{index}] is not UTF-8 text)") from None
+    return texts
+
+
+def _not_gguf(path: Path, head: bytes) -> EdgeDistillError:
+    return EdgeDistillError(f"{path}: not a GGUF file (it starts with {head!r}, not {GGUF_MAGIC_BYTES!r})")
 
 
 def _parse(reader: _Reader, size: int) -> GgufHeader:
     """The header and tensor table at the start of ``reader``'s data (``size`` bytes)."""
-    data = reader.data
     magic = reader.unpack("I", "the magic number")
     if magic != gguf.GGUF_MAGIC:
-        raise reader.fail(f"the file starts with {bytes(data[:4])!r}, not b'GGUF'")
+        raise _not_gguf(reader.path, bytes(reader.data[:4]))
     version = reader.unpack("I", "the version")
     if version not in SUPPORTED_VERSIONS:
         swapped = struct.unpack(">I", struct.pack("<I", version))[0]
@@ -254,20 +315,37 @@ def _parse(reader: _Reader, size: int) -> GgufHeader:
     alignment = header.metadata.get(gguf.Keys.General.ALIGNMENT, gguf.GGUF_DEFAULT_ALIGNMENT)
     if not _is_int(alignment) or alignment <= 0 or alignment & (alignment - 1):
         raise reader.fail(f"general.alignment = {alignment!r} is not a power of two")
-    described = []
-    for index in range(tensor_count):
-        name = reader.string(f"the name of tensor {index}")
-        if name in header.shapes:
-            raise reader.fail(f"tensor {name} appears twice")
-        n_dims = reader.unpack("I", f"tensor {name}")
-        if not 1 <= n_dims <= MAX_TENSOR_DIMS:
-            raise reader.fail(f"tensor {name} has {n_dims} dimensions, expected 1 to {MAX_TENSOR_DIMS}")
-        dims = tuple(reader.unpack("Q", f"tensor {name}") for _ in range(n_dims))
-        ggml_type = reader.unpack("I", f"tensor {name}")
-        offset = reader.unpack("Q", f"tensor {name}")
-        header.shapes[name] = dims
-        described.append((name, dims, ggml_type, offset))
+    described = [_read_tensor_info(reader, header, index) for index in range(tensor_count)]
     data_start = -(-reader.pos // alignment) * alignment
+    _place_tensor_data(reader, header, described, data_start, alignment)
+    return header
+
+
+def _read_tensor_info(reader: _Reader, header: GgufHeader, index: int) -> tuple[str, tuple[int, ...], int, int]:
+    """One entry of the tensor table, ``(name, dims, ggml type, data offset)``; its shape goes into ``header``."""
+    name = reader.string(f"the name of tensor {index}")
+    if name in header.shapes:
+        raise reader.fail(f"tensor {name} appears twice")
+    n_dims = reader.unpack("I", f"tensor {name}")
+    if not 1 <= n_dims <= MAX_TENSOR_DIMS:
+        raise reader.fail(f"tensor {name} has {n_dims} dimensions, expected 1 to {MAX_TENSOR_DIMS}")
+    dims = tuple(reader.unpack("Q", f"tensor {name}") for _ in range(n_dims))
+    ggml_type = reader.unpack("I", f"tensor {name}")
+    offset = reader.unpack("Q", f"tensor {name}")
+    header.shapes[name] = dims
+    return name, dims, ggml_type, offset
+
+
+def _place_tensor_data(
+    reader: _Reader,
+    header: GgufHeader,
+    described: list[tuple[str, tuple[int, ...], int, int]],
+    data_start: int,
+    alignment: int,
+) -> None:
+    """Check that each tensor's data follows the previous one's and lies inside the file; fill ``header.tensors``
+    and ``header.data_end``."""
+    size = header.file_bytes
     expected_offset = 0
     for name, dims, ggml_type, offset in described:
         try:
@@ -294,7 +372,6 @@ def _parse(reader: _Reader, size: int) -> GgufHeader:
         header.tensors.append((name, ggml_type, count))
     if not described:
         header.data_end = data_start
-    return header
 
 
 def _read_value(reader: _Reader, key: str) -> Any:
@@ -308,17 +385,18 @@ def _read_value(reader: _Reader, key: str) -> Any:
         raise reader.fail(f"metadata {key} has unknown value type {value_type}")
     item_type = reader.unpack("I", f"the item type of {key}")
     count = reader.unpack("Q", f"the length of {key}")
+    in_full = reader.reads_in_full(key)
     values: tuple | None = None
     if item_type in _SCALAR_FORMATS:
         item_format = _SCALAR_FORMATS[item_type]
         start = reader.take(count * struct.calcsize(item_format), key)
-        if count <= KEPT_ARRAY_ITEMS:
+        if count <= KEPT_ARRAY_ITEMS or in_full:
             values = struct.unpack_from(f"<{count}{item_format}", reader.data, start)
     elif item_type == gguf.GGUFValueType.STRING:
         if count * 8 > reader.size - reader.pos:
             raise reader.fail(f"truncated: array {key} of {count} strings does not fit the file")
-        items = reader.strings(count, key, keep=key in READ_STRING_ARRAYS)
-        values = tuple(items) if key in READ_STRING_ARRAYS else None
+        items = reader.strings(count, key, keep=in_full)
+        values = tuple(items) if in_full else None
     else:
         raise reader.fail(f"array {key} has items of unsupported type {item_type}")
     return GgufArray(item_type, count, values)
