@@ -42,7 +42,7 @@ from edgedistill.bench.targets import (
     load_target,
     project_decode_tps,
 )
-from edgedistill.config import FlagConfig, load_mapping, setting
+from edgedistill.config import FlagConfig, setting
 from edgedistill.errors import EdgeDistillError
 from edgedistill.files import claim
 from edgedistill.isolate import describe_exit
@@ -187,14 +187,7 @@ class BenchConfig(FlagConfig):
         """Defaults, then the config file's keys, then the flags that were given (not None); an unknown key is an
         error, and so is a wrong value, named by the file when the file set it. The values are checked by
         ``__post_init__`` (FlagConfig's check would fail on the ``list[Path]`` fields)."""
-        from_file: dict[str, Any] = {}
-        if config_file:
-            names = {item.name for item in fields(cls)}
-            for key, value in load_mapping(config_file).items():
-                name = key.replace("-", "_")
-                if name not in names:
-                    raise EdgeDistillError(f"{config_file}: unknown setting '{key}'")
-                from_file[name] = value
+        from_file = cls.file_settings(config_file)
         flags = {name: value for name, value in overrides.items() if value is not None}
         try:
             return cls(**{**from_file, **flags})

@@ -110,14 +110,7 @@ class FlagConfig:
     def from_sources(cls, config_file: str | None, overrides: dict[str, Any]) -> Any:
         """Defaults, then :meth:`preset` values, then the config file's keys, then explicit flags; unknown keys in
         the file are errors, and a wrongly typed value from the file is reported with the file's name."""
-        from_file: dict[str, Any] = {}
-        if config_file:
-            names = {f.name for f in dataclasses.fields(cls)}
-            for key, value in load_mapping(config_file).items():
-                name = key.replace("-", "_")
-                if name not in names:
-                    raise EdgeDistillError(f"{config_file}: unknown setting '{key}'")
-                from_file[name] = value
+        from_file = cls.file_settings(config_file)
         flags = {k: v for k, v in overrides.items() if v is not None}
         chosen = {**from_file, **flags}
         values = {**cls.preset(chosen), **chosen}
@@ -133,6 +126,20 @@ class FlagConfig:
             if name in from_file and name not in flags:
                 raise EdgeDistillError(f"{config_file}: {err}") from None
             raise
+
+    @classmethod
+    def file_settings(cls, config_file: str | None) -> dict[str, Any]:
+        """The config file's settings by field name (``-`` in a key read as ``_``); an unknown key is an error."""
+        if not config_file:
+            return {}
+        names = {f.name for f in dataclasses.fields(cls)}
+        settings: dict[str, Any] = {}
+        for key, value in load_mapping(config_file).items():
+            name = key.replace("-", "_")
+            if name not in names:
+                raise EdgeDistillError(f"{config_file}: unknown setting '{key}'")
+            settings[name] = value
+        return settings
 
     def check_finite(self) -> None:
         """Refuse NaN and infinity in every float field: they pass every range check (``nan < 0`` is false) and

@@ -11,8 +11,12 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from export_helpers import run_export, save_checkpoint
 
@@ -129,3 +133,19 @@ def cli_popen(command: str, *argv: str) -> subprocess.Popen:
         cwd=REPO,
         env=env,
     )
+
+
+@contextmanager
+def running(model, **kwargs) -> Iterator[Any]:
+    """A real ModelServer on a free loopback port, serving from a thread for the block's duration."""
+    from edgedistill.runtime.server import ModelServer
+
+    server = ModelServer(model, port=0, **kwargs)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)

@@ -9,11 +9,9 @@ import json
 import socket
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import pytest
-from runtime_helpers import tiny_exports
+from runtime_helpers import running, tiny_exports
 
 from edgedistill.runtime import load
 from edgedistill.runtime.server import ModelServer, ServerLimits
@@ -24,17 +22,6 @@ PROMPT = "The quick brown fox"
 MESSAGES = [{"role": "user", "content": "Say something."}]
 
 
-@contextmanager
-def running(model, **kwargs) -> Iterator[ModelServer]:
-    server = ModelServer(model, port=0, **kwargs)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
-        yield server
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
 
 
 @pytest.fixture(scope="module")

@@ -18,17 +18,14 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import pytest
-from runtime_helpers import REPO, TESTS, cli, tiny_exports
+from runtime_helpers import REPO, TESTS, cli, running, tiny_exports
 
 from edgedistill.errors import EdgeDistillError
 from edgedistill.runtime import load
 from edgedistill.runtime.server import (
     API_KEY_ENV,
-    ModelServer,
     ServerLimits,
     allowed_hosts_for,
     host_name,
@@ -44,17 +41,6 @@ ENV_KEY = "env-secret"
 # ------------------------------------------------------------------------------------------------------- helpers
 
 
-@contextmanager
-def running(model, **kwargs) -> Iterator[ModelServer]:
-    server = ModelServer(model, port=0, **kwargs)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
-        yield server
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
 
 
 def exchange(port: int, data: bytes, half_close: bool = False) -> tuple[int, http.client.HTTPResponse, bytes]:
