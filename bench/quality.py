@@ -7,6 +7,9 @@ Definitions (written into every report):
   tokens); the first token of a window is context only.
 * top-1 agreement = share of predicted positions where the student's most likely next token equals the teacher's,
   over the same token ids (it needs a shared tokenizer; otherwise it is not measured).
+* bits per byte = the same negative log-likelihood summed over the scored positions, in bits, divided by the UTF-8
+  bytes those positions' tokens stand for (the runtime's ``token_bytes``; special tokens count 0 bytes). Unlike
+  perplexity it does not depend on the tokenizer, so models with different vocabularies compare on it.
 * retention = teacher perplexity / student perplexity (1.0 = as good as the teacher).
 """
 
@@ -15,7 +18,7 @@ from __future__ import annotations
 import gzip
 import json
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +28,8 @@ from edgedistill.errors import EdgeDistillError
 
 DEFINITIONS = {
     "perplexity": "exp(mean next-token negative log-likelihood) over held-out windows, through the runtime's logits",
+    "bits_per_byte": "summed next-token negative log-likelihood in bits / UTF-8 bytes of the scored tokens "
+    "(tokenizer-independent)",
     "agreement": "share of positions where the student's argmax next token equals the teacher's (same token ids)",
     "retention": "teacher perplexity / student perplexity (1.0 = as good as the teacher)",
 }
@@ -115,8 +120,11 @@ def window_scores(logits: np.ndarray, ids: Sequence[int]) -> tuple[float, int, n
     return float(nll.sum()), len(targets), scores.argmax(axis=-1).astype(np.int32)
 
 
-def evaluate(logits_fn: Any, windows: Sequence[Sequence[int]]) -> dict[str, Any]:
-    """Perplexity over ``windows`` with ``logits_fn(ids) -> [n, vocab]``; also the argmax predictions."""
+def evaluate(
+    logits_fn: Any, windows: Sequence[Sequence[int]], token_bytes: Callable[[int], bytes] | None = None
+) -> dict[str, Any]:
+    """Perplexity over ``windows`` with ``logits_fn(ids) -> [n, vocab]``; also the argmax predictions, and bits per
+    byte when ``token_bytes(id)`` gives each token's bytes (the first token of a window is context, not scored)."""
     total = 0.0
     count = 0
     predictions = []
@@ -127,12 +135,17 @@ def evaluate(logits_fn: Any, windows: Sequence[Sequence[int]]) -> dict[str, Any]
         predictions.append(argmax)
     if count == 0:
         raise EdgeDistillError("quality: no held-out positions to score")
-    return {
+    result = {
         "nll": total / count,
         "perplexity": math.exp(total / count),
         "tokens": count,
         "argmax": np.concatenate(predictions) if predictions else np.zeros(0, dtype=np.int32),
     }
+    if token_bytes is not None:
+        scored_bytes = sum(len(token_bytes(int(t))) for ids in windows for t in ids[1:])
+        result["bytes"] = scored_bytes
+        result["bits_per_byte"] = total / math.log(2) / scored_bytes if scored_bytes else math.nan
+    return result
 
 
 def agreement(student_argmax: np.ndarray, teacher_argmax: np.ndarray) -> float:

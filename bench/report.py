@@ -59,6 +59,7 @@ CSV_COLUMNS: list[tuple[str, Any]] = [
     ("projection_target", lambda r: (r.get("projection") or {}).get("target")),
     ("projection_decode_tps", lambda r: (r.get("projection") or {}).get("decode_tps")),
     ("perplexity", lambda r: (r.get("quality") or {}).get("perplexity")),
+    ("bits_per_byte", lambda r: (r.get("quality") or {}).get("bits_per_byte")),
     ("agreement", lambda r: (r.get("quality") or {}).get("agreement")),
     ("retention", lambda r: (r.get("quality") or {}).get("retention")),
     ("quality_tokens", lambda r: (r.get("quality") or {}).get("tokens")),
@@ -311,11 +312,19 @@ def _quality_section(result: dict[str, Any]) -> str:
     quality = [r for r in result["rows"] if r.get("quality")]
     if not quality:
         return ""
-    headers = ["model", "perplexity", "top-1 agreement with teacher", "retention (teacher ppl / student ppl)", "tokens"]
+    headers = [
+        "model",
+        "perplexity",
+        "bits per byte",
+        "top-1 agreement with teacher",
+        "retention (teacher ppl / student ppl)",
+        "tokens",
+    ]
     rows = [
         [
             r["label"],
             number(r["quality"]["perplexity"], 2),
+            number(r["quality"].get("bits_per_byte"), 3),
             percent(r["quality"].get("agreement")) if r["role"] != "teacher" else "(teacher)",
             percent(r["quality"].get("retention")) if r["role"] != "teacher" else "(teacher)",
             str(r["quality"]["tokens"]),

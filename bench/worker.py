@@ -124,7 +124,8 @@ def _quality(model: Any, spec: dict[str, Any]) -> dict[str, Any]:
     window = min(int(quality["window"]), model.context)
     windows = token_windows(lambda text: model.tokenize(text, True), texts, int(quality["max_tokens"]), window)
     started = time.perf_counter()
-    scores = evaluate(model.logits, windows)
+    # bits per byte where the model knows its tokens' bytes (the runtime's backends; not the PyTorch reference)
+    scores = evaluate(model.logits, windows, getattr(model, "token_bytes", None))
     out: dict[str, Any] = {
         "perplexity": scores["perplexity"],
         "nll": scores["nll"],
@@ -133,6 +134,8 @@ def _quality(model: Any, spec: dict[str, Any]) -> dict[str, Any]:
         "window": window,
         "seconds": time.perf_counter() - started,
     }
+    if "bits_per_byte" in scores:
+        out["bits_per_byte"], out["bytes"] = scores["bits_per_byte"], scores["bytes"]
     ids = np.concatenate([np.asarray(w, dtype=np.int64) for w in windows])
     if quality.get("save"):
         np.savez(quality["save"], ids=ids, argmax=scores["argmax"], window=window)

@@ -64,3 +64,17 @@ def test_agreement_and_retention():
     with pytest.raises(ValueError):
         agreement(np.array([1]), np.array([1, 2]))
     assert retention(10.0, 12.5) == pytest.approx(0.8)
+
+
+def test_bits_per_byte_against_a_hand_computation():
+    """Uniform logits over 50 tokens cost log2(50) bits per scored token; the scored tokens (not a window's first,
+    context-only token) stand for 1, 2 or 0 (special) bytes."""
+    vocab = 50
+    pieces = {1: b"a", 2: "é".encode(), 3: b"", 4: b"xy", 5: b"q", 6: b"rs"}
+    result = evaluate(
+        lambda ids: np.zeros((len(ids), vocab), dtype=np.float32), [[1, 2, 3, 4], [5, 6]], pieces.__getitem__
+    )
+    scored_bytes = 2 + 0 + 2 + 2  # 2, 3, 4 of the first window; 6 of the second
+    assert result["bytes"] == scored_bytes
+    assert result["bits_per_byte"] == pytest.approx(4 * math.log2(vocab) / scored_bytes)
+    assert "bits_per_byte" not in evaluate(lambda ids: np.zeros((len(ids), vocab)), [[1, 2]])  # no byte map given

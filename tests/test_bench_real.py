@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 import textwrap
@@ -74,6 +75,11 @@ def test_short_real_bench_of_tiny_gguf_onnx_and_checkpoint(tmp_path):
     # One set of weights in three formats: the same perplexity, through each runtime's own logits.
     ppl = [rows[k]["quality"]["perplexity"] for k in rows]
     assert max(ppl) / min(ppl) < 1.01, ppl
+    # bits per byte where the runtime knows each token's bytes: the same bytes in both formats, the same figure
+    gguf, onnx = rows["teacher"]["quality"], rows["onnx"]["quality"]
+    assert gguf["bytes"] == onnx["bytes"] > 0 and gguf["bits_per_byte"] == pytest.approx(onnx["bits_per_byte"], 0.01)
+    assert gguf["bits_per_byte"] == pytest.approx(gguf["nll"] * gguf["tokens"] / math.log(2) / gguf["bytes"])
+    assert "bits_per_byte" not in rows["torch"]["quality"]  # the PyTorch reference has no byte map
     assert rows["teacher"]["load_mode"].startswith("mmap")
     perf = rows["teacher"]["llama_perf"]  # llama.cpp's own counters over the measured repetitions
     assert perf["decode_tokens"] == 2 * 8 and perf["prompt_tokens"] == 2 * 16 and perf["decode_tps"] > 0
