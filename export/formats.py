@@ -20,6 +20,7 @@ registry (``registry.py``), as llama.cpp's converter has one class per architect
 from __future__ import annotations
 
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,7 +86,7 @@ class Conversion:
     plan: Any
 
 
-class ExportFormat:
+class ExportFormat(ABC):
     """One artifact format: its quantization table and the steps that only it knows.
 
     Subclasses set the class attributes and implement :meth:`artifact_name`, :meth:`convert`, :meth:`derive`,
@@ -111,9 +112,9 @@ class ExportFormat:
     tools: tuple[str, ...] = ()
     converted: str = "converted the float32 model"
 
+    @abstractmethod
     def artifact_name(self, model_name: str, quant: str) -> str:
         """The artifact's final name in the output directory."""
-        raise NotImplementedError
 
     def model_file(self, artifact: Path) -> Path:
         """The file a runtime opens (and the manifest's ``path`` and digest name): by default the artifact."""
@@ -131,23 +132,23 @@ class ExportFormat:
         :attr:`Conversion.plan`. By default nothing."""
         return None
 
+    @abstractmethod
     def convert(self, job: ExportJob, plan: Any, base: Path) -> None:
         """Write the float32 artifact at ``base`` (a temporary name; nothing exists there yet)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def derive(self, job: ExportJob, conversion: Conversion, quant: str, artifact: Path) -> None:
         """Write quantization ``quant`` at ``artifact`` (a temporary name) from ``conversion.path``."""
-        raise NotImplementedError
 
+    @abstractmethod
     def check(self, job: ExportJob, conversion: Conversion, quant: str, artifact: Path) -> ParityReport:
         """Run the artifact in the format's engine and judge it against ``job.reference`` and ``job.probes``."""
-        raise NotImplementedError
 
+    @abstractmethod
     def details(
         self, job: ExportJob, conversion: Conversion, quant: str, artifact: Path, parity_seconds: float
     ) -> dict[str, Any]:
         """The record's format-specific facts (how it was made, how parity ran, tool versions, timings)."""
-        raise NotImplementedError
 
 
 class FormatRegistry(Mapping[str, ExportFormat]):

@@ -399,11 +399,10 @@ def llama_answers(
 
     Runs inside :func:`~edgedistill.isolate.run_isolated`, so it takes and returns plain data.
     """
-    with _llama(path, threads) as llm:
+    with _llama(path, threads) as llm:  # the loaded model's own tokenizer: no second load of the file
         logits, greedy = run_llama(llm, prompt_ids, greedy_prompts)
-    with llama_vocab(path) as vocab:
-        probe_ids = [vocab.tokenize(text) for text in probes]
-        special_ids = [vocab.tokenize(text, add_special=True) for text in special_texts]
+        probe_ids = [llm.tokenize(text) for text in probes]
+        special_ids = [llm.tokenize(text, add_special=True) for text in special_texts]
     return logits, greedy, probe_ids, special_ids
 
 

@@ -9,14 +9,12 @@ be reused across models (``quant = ["q8_0", "q4_k_m"]``, ``threads = 4``).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edgedistill.config import FlagConfig, load_mapping, setting
+from edgedistill.config import FlagConfig, naming_file, setting
 from edgedistill.errors import EdgeDistillError
 from edgedistill.export.formats import ExportFormat, FormatRegistry
 from edgedistill.export.registry import FORMATS
@@ -116,33 +114,19 @@ class ExportRecipe(ExportSettings):
         ``formats``; an error in a value the config file set names the file."""
         overrides = {item.name: getattr(args, item.name, None) for item in dataclasses.fields(cls)}
         config_file = getattr(args, "config", None)
-        with _naming_file(config_file, overrides):
-            recipe = cls.from_sources(config_file, overrides)
+        recipe = cls.from_sources(config_file, overrides)
+        with naming_file(config_file, [name for name, value in overrides.items() if value is None]):
             recipe.select(formats)
         return recipe
 
     @classmethod
-    def from_sources(cls, config_file: str | None, overrides: dict[str, Any]) -> ExportRecipe:
-        """:meth:`FlagConfig.from_sources`, refusing ``format`` and ``model`` in the file: the command line
-        always gives them, so a file's value would be silently ignored."""
-        if config_file:
-            for key in load_mapping(config_file):
-                if key in POSITIONAL:
-                    raise EdgeDistillError(
-                        f"{config_file}: {key}: given on the command line (FORMAT MODEL_DIR), not in a config file"
-                    )
-        return super().from_sources(config_file, overrides)
-
-
-@contextlib.contextmanager
-def _naming_file(config_file: str | None, overrides: dict[str, Any]) -> Iterator[None]:
-    """Prefix an ``--flag: ...`` error with the config file's name when the file, not a flag, set that value
-    (FlagConfig does this for errors that start with the field's name; ours start with the flag's, as they
-    always have)."""
-    try:
-        yield
-    except EdgeDistillError as err:
-        flag = str(err).split(":", 1)[0]
-        if config_file and flag.startswith("--") and overrides.get(flag[2:].replace("-", "_")) is None:
-            raise EdgeDistillError(f"{config_file}: {err}") from None
-        raise
+    def file_settings(cls, config_file: str | None) -> dict[str, Any]:
+        """:meth:`FlagConfig.file_settings`, refusing ``format`` and ``model``: the command line always gives
+        them, so a file's value would be silently ignored."""
+        settings = super().file_settings(config_file)
+        for key in POSITIONAL:
+            if key in settings:
+                raise EdgeDistillError(
+                    f"{config_file}: {key}: given on the command line (FORMAT MODEL_DIR), not in a config file"
+                )
+        return settings

@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from edgedistill.deps import require
-from edgedistill.distill.gguf_tokenizer import check_gguf_header, read_gguf_metadata
 from edgedistill.distill.teacher import NAMED_TEACHERS, TeacherSource, named_teacher_path
 from edgedistill.distill.train import SUMMARY as TRAIN_SUMMARY
 from edgedistill.errors import EdgeDistillError
+from edgedistill.gguf_header import read_gguf_metadata
 
 # What we can export: the Llama architecture in the forms transformers and gguf-py name it.
 EXPORTABLE_MODEL_TYPES = ("llama",)
@@ -116,8 +116,7 @@ def _hf_source(spec: str, path: Path) -> ExportSource:
 
 
 def _gguf_source(spec: str, path: Path, name: str) -> ExportSource:
-    check_gguf_header(path)
-    general = read_gguf_metadata(path, "general.")
+    general = read_gguf_metadata(path, "general.")  # also refuses a file that is not well-formed GGUF
     architecture = general.get("general.architecture")
     if architecture not in EXPORTABLE_GGUF_ARCHITECTURES:
         raise EdgeDistillError(

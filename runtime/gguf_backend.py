@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import gguf
 import numpy as np
@@ -71,28 +70,10 @@ class GgufModel(LanguageModel):
         # A float32 file keeps float32 keys and values: llama.cpp's default float16 cache alone moves the logits of
         # a float32 model by up to 0.05 (export/gguf.py), enough to flip a close greedy choice.
         f32_cache = header.quantization == "f32"
-        cache = {"type_k": llama_cpp.GGML_TYPE_F32, "type_v": llama_cpp.GGML_TYPE_F32} if f32_cache else {}
         check_cache_memory(context, header.kv_bytes_per_token(f32_cache=f32_cache), path)
         batch = min(PREFILL_BATCH, context)
-        # The same settings in llama-cpp-python's high-level ``Llama``, kept public so that a benchmark can build
-        # llama-cpp-python's own loop on an identical instance (where its extra buffers are safe: edgedistill.llamacpp).
-        self.llama_kwargs: dict[str, Any] = dict(
-            model_path=str(path),
-            n_ctx=context,
-            n_batch=batch,
-            n_ubatch=batch,
-            n_threads=threads,
-            n_threads_batch=threads,
-            n_gpu_layers=0,
-            logits_all=False,
-            flash_attn=False,
-            verbose=verbose,
-            **cache,
-        )
         self.llama = LlamaCpp(path, n_ctx=context, n_batch=batch, threads=threads, f32_cache=f32_cache, verbose=verbose)
-        self._llama_cpp = llama_cpp
-        self._ctx = self.llama.ctx
-        self._vocab = self.llama.vocab
+        vocab = self.llama.vocab
         n_vocab = self.llama.n_vocab
         self._n_vocab = n_vocab
         # Generation ends at the ids the file names (end of sequence, of turn, of message), as the ONNX backend ends
@@ -102,9 +83,9 @@ class GgufModel(LanguageModel):
         self.eos_ids = frozenset(i for i in named if isinstance(i, int) and 0 <= i < n_vocab)
         if not self.eos_ids:
             is_eog = llama_cpp.llama_vocab_is_eog
-            self.eos_ids = frozenset(i for i in range(n_vocab) if is_eog(self._vocab, i))
+            self.eos_ids = frozenset(i for i in range(n_vocab) if is_eog(vocab, i))
         is_control = llama_cpp.llama_vocab_is_control
-        self._control = frozenset(i for i in range(n_vocab) if is_control(self._vocab, i)) | self.eos_ids
+        self._control = frozenset(i for i in range(n_vocab) if is_control(vocab, i)) | self.eos_ids
         self._piece_cache: dict[int, bytes] = {}
         specials = {}
         for name, token_id in (("bos_token", self.llama.token_bos()), ("eos_token", self.llama.token_eos())):

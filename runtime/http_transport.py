@@ -31,6 +31,7 @@ import socket
 import sys
 import threading
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -399,7 +400,7 @@ class TransportServer(ThreadingHTTPServer):
             closer.stop()
 
 
-class TransportHandler(BaseHTTPRequestHandler):
+class TransportHandler(BaseHTTPRequestHandler, ABC):
     """One HTTP/1.1 connection whose requests must each arrive within the server's ``request_timeout_s``.
 
     Subclasses add the routes (``do_GET`` ...) and :meth:`error_body`; they reply with :meth:`send_json`, set
@@ -412,9 +413,9 @@ class TransportHandler(BaseHTTPRequestHandler):
     timeout = SOCKET_TIMEOUT
     error_content_type = "application/json"
 
+    @abstractmethod
     def error_body(self, status: int, message: str) -> dict[str, Any]:
         """The JSON body of an error the transport answers itself (408, the stdlib's 400, 414, 431 ...)."""
-        raise NotImplementedError
 
     def setup(self) -> None:
         super().setup()

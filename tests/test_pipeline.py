@@ -5,53 +5,15 @@ from __future__ import annotations
 import json
 
 import pytest
+from pipeline_helpers import tiny_pipeline_settings
 
 from edgedistill.cli import main
 from edgedistill.errors import EdgeDistillError
 from edgedistill.pipeline import STAGES, PipelineConfig, run_pipeline
 
 
-def _shape(path, hidden, layers):
-    path.write_text(
-        json.dumps(
-            dict(
-                hidden_size=hidden,
-                num_hidden_layers=layers,
-                num_attention_heads=2,
-                num_key_value_heads=1,
-                intermediate_size=2 * hidden,
-            )
-        )
-    )
-    return str(path)
-
-
 def _config(tmp_path, tiny_teacher, text_data, **overrides) -> PipelineConfig:
-    values = dict(
-        out=str(tmp_path / "run"),
-        teacher=str(tiny_teacher),
-        data=[str(text_data)],
-        students=[_shape(tmp_path / "s32.json", 32, 2), _shape(tmp_path / "s16.json", 16, 1)],
-        steps=4,
-        batch_size=2,
-        seq_len=32,
-        train_tokens=0,
-        heldout_tokens=0,
-        top_k=8,
-        gguf_quants=["q8_0"],
-        onnx_quants=["int8"],
-        bench_threads=[1],
-        bench_prompt_tokens=8,
-        bench_gen_tokens=4,
-        bench_repeat=1,
-        bench_warmup=0,
-        quality_tokens=64,
-        sample_prompts=["def add(a, b):"],
-        sample_tokens=4,
-        threads=1,
-    )
-    values.update(overrides)
-    return PipelineConfig(**values)
+    return PipelineConfig(**tiny_pipeline_settings(tmp_path, tiny_teacher, text_data, **overrides))
 
 
 @pytest.mark.slow

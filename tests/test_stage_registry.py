@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import pytest
 from bench_helpers import make_result, make_row
+from pipeline_helpers import student_shape, tiny_pipeline_settings
 
 from edgedistill.bench import claims as bench_claims
 from edgedistill.bench.claims import MISSING, number, percent, size_bucket
@@ -267,31 +268,8 @@ def test_one_number_style_in_the_bench_and_the_report_parts(tmp_path):
 @pytest.mark.slow
 def test_a_toy_stage_added_to_the_real_pipeline(tmp_path, tiny_teacher, text_data, capsys):
     registry = DEFAULT.with_stage(ToyStage(), before="report")
-    shape = dict(num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
-    (tmp_path / "s16.json").write_text(json.dumps(dict(hidden_size=16, intermediate_size=32, **shape)))
-    values = dict(
-        out=str(tmp_path / "run"),
-        teacher=str(tiny_teacher),
-        data=[str(text_data)],
-        students=[str(tmp_path / "s16.json")],
-        steps=2,
-        batch_size=2,
-        seq_len=32,
-        train_tokens=0,
-        heldout_tokens=0,
-        top_k=8,
-        gguf_quants=["q8_0"],
-        onnx_quants=[],
-        bench_threads=[1],
-        bench_prompt_tokens=8,
-        bench_gen_tokens=4,
-        bench_repeat=1,
-        bench_warmup=0,
-        quality_tokens=64,
-        sample_prompts=["def add(a, b):"],
-        sample_tokens=4,
-        threads=1,
-    )
+    students = [student_shape(tmp_path / "s16.json", 16, 1)]
+    values = tiny_pipeline_settings(tmp_path, tiny_teacher, text_data, students=students, steps=2, onnx_quants=[])
     report = run_pipeline(registry.config_class(**values), registry=registry)
     text = report.read_text()
     headings = [line for line in text.splitlines() if line.startswith("## ")]
@@ -323,3 +301,12 @@ def test_a_toy_stage_added_to_the_real_pipeline(tmp_path, tiny_teacher, text_dat
     assert all(f"{s}: finished earlier" in log for s in ("teacher", "distill", "export", "bench"))
     assert "toy: settings changed" in log and "report: settings changed" in log
     assert _lines_with(report.read_text(), "The toy stage wrote 1 words")
+
+
+def test_the_stages_package_imports_on_its_own():
+    """The registry builds the pipeline config class at import time: that must not depend on import order."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", "import edgedistill.stages"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-500:]

@@ -24,6 +24,7 @@ import json
 import sys
 import types
 import typing
+from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -269,7 +270,7 @@ class Upstream:
             ) from None
 
 
-class Stage(typing.Generic[S, R]):
+class Stage(ABC, typing.Generic[S, R]):
     """A pipeline stage: subclass it, set the four class attributes, write :meth:`run` (and :meth:`report`)."""
 
     name: ClassVar[str]
@@ -279,8 +280,9 @@ class Stage(typing.Generic[S, R]):
     # Values of its settings that --full starts from (the config file and flags still win).
     full_budget: ClassVar[Mapping[str, Any]] = {}
 
+    @abstractmethod
     def run(self, settings: S, upstream: Upstream) -> R:
-        raise NotImplementedError
+        """Do the stage's work under ``upstream.layout`` and return its record."""
 
     def report(self, upstream: Upstream) -> list[Section]:
         """Its sections of ``report.md`` (none by default), read from the files it wrote."""

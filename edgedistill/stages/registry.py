@@ -90,7 +90,9 @@ def assemble_config(stages: tuple[Stage[Any, Any], ...]) -> type[PipelineSetting
             raise ValueError(f"stage {stage.name!r}: full_budget sets {foreign[0]!r}, not one of its settings")
         full_budget.update(stage.full_budget)
     namespace = {
-        "__module__": "edgedistill.pipeline",
+        # this module: dataclasses resolves the string field types in the class's module, which must be imported
+        # already (edgedistill.pipeline is not while `import edgedistill.stages` runs)
+        "__module__": __name__,
         "__doc__": "Every choice of a pipeline run: RunSettings, then the settings of "
         + ", ".join(f"{stage.name} ({stage.settings.__name__})" for stage in stages)
         + ". Each field is a flag (``--field-name``) and a key of the TOML config file.",
