@@ -11,9 +11,10 @@ pipeline's report.md both use :func:`size_class`. Verdicts:
 * memory (seed: ~400 MB teacher, ~100 MB 1/4, ~50 MB 1/8): measured = peak RSS minus the RSS before loading (the
   model's own memory: weights touched, KV cache, buffers), at the highest thread count. The seed's "~X MB" is read
   as "runs in about X MB": **confirmed** when measured <= claimed x (1 + MEMORY_TOLERANCE), else **refuted**.
-* retention (seed: 85 % at 1/8, 70 % at 1/16): measured = teacher perplexity / student perplexity on the held-out
-  data. The seed's percentages were relative to its 1/4 model; ours are relative to the teacher, which is stricter.
-  **confirmed** when measured >= claimed - RETENTION_TOLERANCE (absolute), else **refuted**.
+* retention (seed: 85 % at 1/8, 70 % at 1/16): measured = teacher bits per byte / student bits per byte on the
+  held-out data (tokenizer-independent, so a student that tokenizes differently is measured too). The seed's
+  percentages were relative to its 1/4 model; ours are relative to the teacher, which is stricter. **confirmed** when
+  measured >= claimed - RETENTION_TOLERANCE (absolute), else **refuted**.
 
 A claim with no model in its size bucket, no teacher, or no quality data is **not measured**.
 
@@ -47,8 +48,8 @@ DEFINITIONS = {
     "8x = [5.66, 11.3), 16x = [11.3, 22.6); the teacher is --teacher, else the largest model",
     "speed-up": f"student / teacher decode tokens/s, equal threads; confirmed if >= claim x {1 - SPEED_TOLERANCE:.2f}",
     "memory": f"peak RSS - RSS before loading (MB = 1e6 bytes); confirmed if <= claim x {1 + MEMORY_TOLERANCE:.2f}",
-    "retention": f"teacher perplexity / student perplexity; confirmed if >= claim - {RETENTION_TOLERANCE:.2f} "
-    "(the seed measured against its 1/4 model, we against the teacher)",
+    "retention": f"teacher bits per byte / student bits per byte (tokenizer-independent); confirmed if >= claim - "
+    f"{RETENTION_TOLERANCE:.2f} (the seed measured against its 1/4 model, we against the teacher)",
 }
 
 
@@ -203,9 +204,10 @@ def _retention_claims(matched: _Matched) -> list[dict[str, Any]]:
                 out.append(_claim(name, seed, None, NOT_MEASURED, _no_retention_reason(quality), model=label))
                 continue
             verdict = CONFIRMED if value >= claimed - RETENTION_TOLERANCE else REFUTED
+            teacher_bpb = _teacher_quality(matched.rows, matched.teacher).get("bits_per_byte")
             note = (
-                f"{label}: teacher perplexity {_teacher_ppl(matched.rows, matched.teacher):.2f} / student perplexity "
-                f"{quality['perplexity']:.2f} over {quality['tokens']} held-out tokens"
+                f"{label}: teacher {number(teacher_bpb, 3)} bits/byte / student "
+                f"{number(quality.get('bits_per_byte'), 3)} bits/byte over {quality['tokens']} held-out tokens"
             )
             out.append(_claim(name, seed, value, verdict, note, model=label, ratio=matched.ratios[label]))
     return out
@@ -214,7 +216,7 @@ def _retention_claims(matched: _Matched) -> list[dict[str, Any]]:
 def _no_retention_reason(quality: dict[str, Any] | None) -> str:
     if quality is None:
         return "no --data (held-out text) given"
-    return quality.get("retention_note") or "no teacher perplexity (--teacher and --data are both needed)"
+    return quality.get("retention_note") or "no teacher bits per byte (--teacher and --data are both needed)"
 
 
 # The claim families, in the order they are reported.
@@ -237,11 +239,12 @@ def check_claims(result: dict[str, Any]) -> list[dict[str, Any]]:
     return [claim for check in CLAIM_CHECKS for claim in check(matched)]
 
 
-def _teacher_ppl(rows: list[dict[str, Any]], teacher: str | None) -> float:
+def _teacher_quality(rows: list[dict[str, Any]], teacher: str | None) -> dict[str, Any]:
+    """The teacher's quality figures (``{}`` when it has none)."""
     for row in rows:
         if row["label"] == teacher and row.get("quality"):
-            return float(row["quality"]["perplexity"])
-    return math.nan
+            return row["quality"]
+    return {}
 
 
 # --------------------------------------------------------------------------------------- how numbers are written

@@ -14,6 +14,8 @@ a ``target`` other than the host - a decode speed *projected* onto that target (
 
 The teacher (``teacher``), when given, is benchmarked as a model of its own (it is the reference of the speed-up
 and memory claims) and, with ``data``, scored first so that every student's top-1 agreement is counted against it.
+Each student's retention (teacher bits per byte / student bits per byte) and accuracy ratio (student top-1 accuracy /
+teacher top-1 accuracy) are then set against the teacher's row.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from typing import Any
 from edgedistill.bench.artifacts import KIND_TORCH, artifact_kind, decode_bytes
 from edgedistill.bench.env import bandwidth_for, environment
 from edgedistill.bench.quality import DEFINITIONS as QUALITY_DEFINITIONS
-from edgedistill.bench.quality import read_texts, retention
+from edgedistill.bench.quality import accuracy_ratio, read_texts, retention
 from edgedistill.bench.report import SCHEMA, SCHEMA_VERSION
 from edgedistill.bench.targets import (
     PROJECTION_LABEL,
@@ -82,7 +84,7 @@ class BenchConfig(FlagConfig):
     Every field is a setting: a key of ``--config FILE`` and a flag of ``edgedistill bench`` (see
     :meth:`add_flags`), with the help text declared here. A Hugging Face checkpoint directory among ``models`` runs
     in PyTorch when torch and transformers are installed and is skipped with a note otherwise; ``teacher`` is
-    benchmarked as a row of its own and is the reference of agreement, retention and the claims.
+    benchmarked as a row of its own and is the reference of agreement, retention, accuracy ratio and the claims.
     """
 
     models: list[Path] = setting(
@@ -99,13 +101,14 @@ class BenchConfig(FlagConfig):
     warmup: int = setting(1, "unrecorded repetitions first")
     data: list[Path] = setting(
         factory=list,
-        help='held-out .jsonl ({"text": ...}) or .txt files: adds perplexity through the runtime',
+        help='held-out .jsonl ({"text": ...}) or .txt files: adds perplexity, bits per byte and top-1 accuracy '
+        "through the runtime",
         metavar="FILE",
     )
     quality_tokens: int = setting(DEFAULT_QUALITY_TOKENS, "held-out tokens scored")
     quality_window: int = setting(DEFAULT_QUALITY_WINDOW, "tokens per scored window")
     teacher: Path | None = setting(
-        None, "the teacher artifact: benchmarked too; reference of agreement, retention and claims"
+        None, "the teacher artifact: benchmarked too; reference of agreement, retention, accuracy ratio and claims"
     )
     target: str | None = setting(
         None,
@@ -580,7 +583,9 @@ def _row(model: _Model, threads: int, measured: dict[str, Any], plan: _Plan, con
     if "quality" in measured:
         quality = dict(measured["quality"])
         quality.setdefault("agreement", None)
+        quality.setdefault("top1_accuracy", None)
         quality["retention"] = None  # set by _add_retention once the teacher's row is in
+        quality["accuracy_ratio"] = None
         row["quality"] = quality
     return row
 
@@ -640,17 +645,59 @@ def _unstable(measured: dict[str, Any]) -> bool:
 
 
 def _add_retention(rows: list[dict[str, Any]]) -> None:
+    """Each non-teacher row's retention (teacher bits per byte / student bits per byte) and accuracy ratio (student
+    top-1 accuracy / teacher top-1 accuracy) against the teacher's row; bits per byte does not depend on the tokenizer,
+    so retention is measured whatever each model's tokenizer, and noted as not measured only where it is missing."""
     teacher = next((r for r in rows if r["role"] == "teacher" and "quality" in r), None)
     if teacher is None:
         return
+    reference = teacher["quality"]
     for row in rows:
-        if "quality" in row and row is not teacher:
-            if row["quality"].get("agreement") is not None:
-                row["quality"]["retention"] = retention(teacher["quality"]["perplexity"], row["quality"]["perplexity"])
+        if row is teacher:
+            reference["reference"] = "teacher: agreement, retention and accuracy ratio are measured against it"
+        elif "quality" in row:
+            quality = row["quality"]
+            value = retention(reference.get("bits_per_byte"), quality.get("bits_per_byte"))
+            if math.isnan(value):
+                quality["retention"] = None
+                quality["retention_note"] = _no_bits_per_byte(reference, quality)
             else:
-                row["quality"]["retention_note"] = "not measured: perplexities over different tokenizations"
-        elif row is teacher:
-            row["quality"]["reference"] = "teacher: agreement and retention are measured against it"
+                quality["retention"] = value
+            ratio = accuracy_ratio(quality.get("top1_accuracy"), reference.get("top1_accuracy"))
+            quality["accuracy_ratio"] = None if math.isnan(ratio) else ratio
+            if math.isnan(ratio):
+                quality["accuracy_ratio_note"] = _no_accuracy(reference, quality)
+
+
+def _no_bits_per_byte(teacher: dict[str, Any], student: dict[str, Any]) -> str:
+    """Why a row's retention is not measured: whose bits per byte is missing."""
+    missing = [
+        who
+        for who, quality in (("the student", student), ("the teacher", teacher))
+        if not _finite(quality.get("bits_per_byte"))
+    ]
+    if not missing:  # both present, but the student's is not > 0
+        return "not measured: the student's bits per byte is not positive"
+    return (
+        f"not measured: no bits per byte for {' and '.join(missing)} (a backend that gives no token bytes, "
+        "e.g. the PyTorch reference)"
+    )
+
+
+def _no_accuracy(teacher: dict[str, Any], student: dict[str, Any]) -> str:
+    """Why a row's accuracy ratio is not measured: a missing top-1 accuracy, or a teacher that never ranks first."""
+    missing = [
+        who
+        for who, quality in (("the student", student), ("the teacher", teacher))
+        if not _finite(quality.get("top1_accuracy"))
+    ]
+    if missing:
+        return f"not measured: no top-1 accuracy for {' and '.join(missing)}"
+    return "not measured: the teacher's top-1 accuracy is 0"
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
 
 
 def _cache_notes(rows: list[dict[str, Any]], target: TargetProfile | None, on_target: bool) -> list[str]:

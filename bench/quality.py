@@ -1,4 +1,5 @@
-"""Held-out quality through the runtime's own logits: perplexity, top-1 agreement with a teacher, retention.
+"""Held-out quality through the runtime's own logits: perplexity, bits per byte, top-1 accuracy against the text,
+top-1 agreement with a teacher, retention.
 
 Definitions (written into every report):
 
@@ -10,7 +11,12 @@ Definitions (written into every report):
 * bits per byte = the same negative log-likelihood summed over the scored positions, in bits, divided by the UTF-8
   bytes those positions' tokens stand for (the runtime's ``token_bytes``; special tokens count 0 bytes). Unlike
   perplexity it does not depend on the tokenizer, so models with different vocabularies compare on it.
-* retention = teacher perplexity / student perplexity (1.0 = as good as the teacher).
+* top-1 accuracy = share of scored positions where the model's most likely next token is the text's actual next
+  token (position ``i`` against ``ids[i + 1]``), each model over its own tokens.
+* retention = teacher bits per byte / student bits per byte (1.0 = as good as the teacher). Bits per byte does not
+  depend on the tokenizer, so retention is measured whatever each model's tokenizer; it is not measured only where
+  bits per byte is missing for the student or the teacher.
+* accuracy ratio = student top-1 accuracy / teacher top-1 accuracy (1.0 = as accurate as the teacher).
 """
 
 from __future__ import annotations
@@ -30,8 +36,12 @@ DEFINITIONS = {
     "perplexity": "exp(mean next-token negative log-likelihood) over held-out windows, through the runtime's logits",
     "bits_per_byte": "summed next-token negative log-likelihood in bits / UTF-8 bytes of the scored tokens "
     "(tokenizer-independent)",
+    "top1_accuracy": "share of scored positions where the model's argmax next token is the text's actual next token "
+    "(each model over its own tokens)",
     "agreement": "share of positions where the student's argmax next token equals the teacher's (same token ids)",
-    "retention": "teacher perplexity / student perplexity (1.0 = as good as the teacher)",
+    "retention": "teacher bits per byte / student bits per byte (1.0 = as good as the teacher; tokenizer-independent, "
+    "so measured also for a student that tokenizes differently; not measured where either lacks bits per byte)",
+    "accuracy_ratio": "student top-1 accuracy / teacher top-1 accuracy (1.0 = as accurate as the teacher)",
 }
 
 
@@ -123,15 +133,18 @@ def window_scores(logits: np.ndarray, ids: Sequence[int]) -> tuple[float, int, n
 def evaluate(
     logits_fn: Any, windows: Sequence[Sequence[int]], token_bytes: Callable[[int], bytes] | None = None
 ) -> dict[str, Any]:
-    """Perplexity over ``windows`` with ``logits_fn(ids) -> [n, vocab]``; also the argmax predictions, and bits per
-    byte when ``token_bytes(id)`` gives each token's bytes (the first token of a window is context, not scored)."""
+    """Perplexity over ``windows`` with ``logits_fn(ids) -> [n, vocab]``; also the argmax predictions, top-1 accuracy
+    (share of scored positions whose argmax is the actual next token ``ids[i + 1]``), and bits per byte when
+    ``token_bytes(id)`` gives each token's bytes (the first token of a window is context, not scored)."""
     total = 0.0
     count = 0
+    correct = 0
     predictions = []
     for ids in windows:
         nll, scored, argmax = window_scores(logits_fn(ids), ids)
         total += nll
         count += scored
+        correct += int(np.count_nonzero(argmax == np.asarray(ids[1:], dtype=np.int64)))
         predictions.append(argmax)
     if count == 0:
         raise EdgeDistillError("quality: no held-out positions to score")
@@ -139,6 +152,7 @@ def evaluate(
         "nll": total / count,
         "perplexity": math.exp(total / count),
         "tokens": count,
+        "top1_accuracy": correct / count,
         "argmax": np.concatenate(predictions) if predictions else np.zeros(0, dtype=np.int32),
     }
     if token_bytes is not None:
@@ -159,8 +173,17 @@ def agreement(student_argmax: np.ndarray, teacher_argmax: np.ndarray) -> float:
     return float(np.mean(np.asarray(student_argmax) == np.asarray(teacher_argmax)))
 
 
-def retention(teacher_perplexity: float, student_perplexity: float) -> float:
-    """Teacher perplexity / student perplexity."""
-    if not student_perplexity > 0:
+def _ratio(numerator: float | None, denominator: float | None) -> float:
+    if numerator is None or denominator is None or not math.isfinite(numerator) or not 0 < denominator < math.inf:
         return math.nan
-    return teacher_perplexity / student_perplexity
+    return numerator / denominator
+
+
+def retention(teacher_bits_per_byte: float | None, student_bits_per_byte: float | None) -> float:
+    """Teacher bits per byte / student bits per byte (NaN when either is missing or the student's is not > 0)."""
+    return _ratio(teacher_bits_per_byte, student_bits_per_byte)
+
+
+def accuracy_ratio(student_top1_accuracy: float | None, teacher_top1_accuracy: float | None) -> float:
+    """Student top-1 accuracy / teacher top-1 accuracy (NaN when either is missing or the teacher's is 0)."""
+    return _ratio(student_top1_accuracy, teacher_top1_accuracy)

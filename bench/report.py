@@ -60,8 +60,10 @@ CSV_COLUMNS: list[tuple[str, Any]] = [
     ("projection_decode_tps", lambda r: (r.get("projection") or {}).get("decode_tps")),
     ("perplexity", lambda r: (r.get("quality") or {}).get("perplexity")),
     ("bits_per_byte", lambda r: (r.get("quality") or {}).get("bits_per_byte")),
+    ("top1_accuracy", lambda r: (r.get("quality") or {}).get("top1_accuracy")),
     ("agreement", lambda r: (r.get("quality") or {}).get("agreement")),
     ("retention", lambda r: (r.get("quality") or {}).get("retention")),
+    ("accuracy_ratio", lambda r: (r.get("quality") or {}).get("accuracy_ratio")),
     ("quality_tokens", lambda r: (r.get("quality") or {}).get("tokens")),
 ]
 PLOTS = ("decode_vs_size.png", "memory_vs_size.png", "quality_vs_size.png")
@@ -316,22 +318,38 @@ def _quality_section(result: dict[str, Any]) -> str:
         "model",
         "perplexity",
         "bits per byte",
+        "top-1 accuracy",
         "top-1 agreement with teacher",
-        "retention (teacher ppl / student ppl)",
+        "retention (teacher bits/byte / student bits/byte)",
+        "accuracy ratio (student / teacher top-1)",
         "tokens",
     ]
+
+    def against_teacher(r: dict[str, Any], key: str) -> str:
+        return percent(r["quality"].get(key)) if r["role"] != "teacher" else "(teacher)"
+
     rows = [
         [
             r["label"],
             number(r["quality"]["perplexity"], 2),
             number(r["quality"].get("bits_per_byte"), 3),
-            percent(r["quality"].get("agreement")) if r["role"] != "teacher" else "(teacher)",
-            percent(r["quality"].get("retention")) if r["role"] != "teacher" else "(teacher)",
+            percent(r["quality"].get("top1_accuracy")),
+            against_teacher(r, "agreement"),
+            against_teacher(r, "retention"),
+            against_teacher(r, "accuracy_ratio"),
             str(r["quality"]["tokens"]),
         ]
         for r in quality
     ]
-    return "\n### Quality (held-out data, through the runtime's logits)\n\n" + markdown_table(headers, rows)
+    # why a figure against the teacher is missing: another tokenizer (agreement), no bits per byte (retention), ...
+    notes = [
+        f"- {r['label']}: {key.replace('_', ' ')} {r['quality'][f'{key}_note']}\n"
+        for r in quality
+        for key in ("agreement", "retention", "accuracy_ratio")
+        if r["quality"].get(f"{key}_note")
+    ]
+    table = markdown_table(headers, rows) + ("\n" + "".join(dict.fromkeys(notes)) if notes else "")
+    return "\n### Quality (held-out data, through the runtime's logits)\n\n" + table
 
 
 def _claims_section(result: dict[str, Any]) -> str:

@@ -130,6 +130,7 @@ def _quality(model: Any, spec: dict[str, Any]) -> dict[str, Any]:
         "perplexity": scores["perplexity"],
         "nll": scores["nll"],
         "tokens": scores["tokens"],
+        "top1_accuracy": scores["top1_accuracy"],
         "windows": len(windows),
         "window": window,
         "seconds": time.perf_counter() - started,

@@ -22,7 +22,7 @@ CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
 SUMMARY = "train_summary.json"
 # Settings a resumed run may change; anything else would make the resumed run a different run.
-RESUMABLE_CHANGES = {"resume", "log_every", "save_every", "threads", "device", "eval_tokens", "out"}
+RESUMABLE_CHANGES = {"resume", "log_every", "save_every", "threads", "device", "eval_tokens", "eval_data", "out"}
 
 
 def save_checkpoint(

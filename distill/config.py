@@ -23,6 +23,8 @@ STUDENT_PRESETS: dict[str, dict[str, Any]] = {
 PRESET_TOLERANCE = 0.05
 
 SHAPE_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size")
+# Optional in a shape file: a pruned student keeps the teacher's head size while its width shrinks.
+OPTIONAL_SHAPE_FIELDS = ("head_dim",)
 
 
 @dataclass(frozen=True)
@@ -34,38 +36,42 @@ class StudentShape:
     num_attention_heads: int
     num_key_value_heads: int
     intermediate_size: int
+    head_dim: int = 0  # 0: hidden_size / num_attention_heads (set so by __post_init__)
 
     def __post_init__(self) -> None:
         for name in SHAPE_FIELDS:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise EdgeDistillError(f"student shape: field '{name}' must be a positive integer, got {value!r}")
-        if self.hidden_size % self.num_attention_heads:
-            raise EdgeDistillError(
-                f"student shape: hidden_size {self.hidden_size} is not divisible by "
-                f"num_attention_heads {self.num_attention_heads}"
-            )
+        if not isinstance(self.head_dim, int) or isinstance(self.head_dim, bool) or self.head_dim < 0:
+            raise EdgeDistillError(f"student shape: field 'head_dim' must be a positive integer, got {self.head_dim!r}")
+        if self.head_dim == 0:
+            if self.hidden_size % self.num_attention_heads:
+                raise EdgeDistillError(
+                    f"student shape: hidden_size {self.hidden_size} is not divisible by "
+                    f"num_attention_heads {self.num_attention_heads} (or give head_dim)"
+                )
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
+        if self.head_dim % 2:
+            raise EdgeDistillError(f"student shape: head_dim {self.head_dim} must be even (rotary embedding)")
         if self.num_attention_heads % self.num_key_value_heads:
             raise EdgeDistillError(
                 f"student shape: num_attention_heads {self.num_attention_heads} is not divisible by "
                 f"num_key_value_heads {self.num_key_value_heads}"
             )
 
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
-
     def parameter_count(self, vocab_size: int) -> int:
         """Parameters of a LlamaForCausalLM of this shape with tied embeddings and no biases."""
-        h, kv = self.hidden_size, self.num_key_value_heads * self.head_dim
-        per_layer = 2 * h * h + 2 * h * kv + 3 * h * self.intermediate_size + 2 * h  # q,o + k,v + mlp + 2 norms
+        h, q, kv = self.hidden_size, self.num_attention_heads * self.head_dim, self.num_key_value_heads * self.head_dim
+        per_layer = 2 * h * q + 2 * h * kv + 3 * h * self.intermediate_size + 2 * h  # q,o + k,v + mlp + 2 norms
         return vocab_size * h + self.num_hidden_layers * per_layer + h
 
     @classmethod
     def from_file(cls, path: str | Path) -> StudentShape:
-        """Read a shape from a JSON or TOML file holding exactly the fields in ``SHAPE_FIELDS``."""
+        """Read a shape from a JSON or TOML file holding the fields in ``SHAPE_FIELDS`` (and optionally
+        ``head_dim``)."""
         data = load_mapping(path)
-        unknown = sorted(set(data) - set(SHAPE_FIELDS))
+        unknown = sorted(set(data) - set(SHAPE_FIELDS) - set(OPTIONAL_SHAPE_FIELDS))
         missing = [name for name in SHAPE_FIELDS if name not in data]
         if unknown:
             raise EdgeDistillError(
@@ -128,7 +134,7 @@ def solve_preset_shape(
 
 
 LOSSES = ("fkl", "rkl", "jsd", "skl", "srkl")
-INITS = ("random", "teacher")
+INITS = ("random", "teacher", "prune")
 DTYPES = ("auto", "float32", "bfloat16")
 # torch.manual_seed takes a 64-bit seed; the sampler's generator a signed one
 MAX_SEED = 2**63 - 1
@@ -152,7 +158,9 @@ class TrainConfig(FlagConfig):
         "tiny", "preset small|tiny|nano (1/4, 1/8, 1/16 of the teacher), a .json/.toml shape file, or a checkpoint dir"
     )
     init: str = setting(
-        "random", "random, or teacher: copy embeddings, final norm and every k-th layer (needs the teacher's width)"
+        "random",
+        "random; prune: derive the student from the teacher by structured pruning (as `edgedistill prune`, "
+        "prune.json in --out); or teacher: copy embeddings, final norm and every k-th layer (the teacher's width)",
     )
     data: list[str] = setting(
         help=".jsonl (text, chat, reasoning chat) or .txt files, optionally .gz; default: the embedded corpus",
@@ -200,6 +208,11 @@ class TrainConfig(FlagConfig):
         0, "keep at most this many held-out tokens, evenly spaced (0: all; a cache must match)"
     )
     eval_tokens: int = setting(0, "evaluate on at most this many held-out tokens (0: all)")
+    eval_data: list[str] = setting(
+        help='evaluation-only text files, never trained on (train_summary.json\'s "outside")',
+        factory=list,
+        metavar="FILE",
+    )
     skip_bad_lines: bool = setting(False, "count and skip malformed data lines instead of stopping")
     log_every: int = setting(1, "write a metrics.jsonl row every N steps (and at the last step)")
 
@@ -210,6 +223,8 @@ class TrainConfig(FlagConfig):
         self.check_finite()
         if isinstance(self.data, str):
             self.data = [self.data]
+        if isinstance(self.eval_data, str):
+            self.eval_data = [self.eval_data]
         if not 0.0 <= self.alpha <= 1.0:
             raise bad("alpha", "a number in [0, 1]")
         if not self.temperature > 0:
@@ -305,3 +320,71 @@ class CacheConfig(FlagConfig):
             raise EdgeDistillError(f"threads: expected 0 (the default) or a positive integer, got {self.threads!r}")
         if not 0.0 < self.val_fraction < 1.0:
             raise EdgeDistillError(f"val_fraction: expected a number in (0, 1), got {self.val_fraction!r}")
+
+
+LAYER_METRICS = ("influence", "drop")
+
+
+@dataclass
+class PruneConfig(FlagConfig):
+    """One derivation (``edgedistill prune``): a student cut from a larger model by structured pruning."""
+
+    source: str = setting(
+        "smollm2-135m",
+        "the model to cut: a checkpoint directory, a .gguf file, or smollm2-135m (also the first positional argument)",
+    )
+    out: str = setting("", "output directory: the pruned student (a Hugging Face checkpoint) and prune.json")
+    student: str = setting(
+        "tiny", "preset small|tiny|nano (1/4, 1/8, 1/16 of --teacher's parameters) or a .json/.toml shape file"
+    )
+    teacher: str = setting(
+        "", "the original teacher: presets are sized against it and probes distil from it (default: the source)"
+    )
+    data: list[str] = setting(
+        help="training data whose tokens calibrate the importance (default: the embedded corpus)",
+        factory=list,
+        metavar="FILE",
+    )
+    seq_len: int = setting(256, "tokens per packed sequence")
+    val_fraction: float = setting(0.1, "share of documents held out (never used for calibration)")
+    calibration: int = setting(64, "sequences of the training data on which importance is measured")
+    probe_rows: int = setting(16, "other training sequences on which candidate shapes are scored")
+    layer_metric: str = setting(
+        "influence", "layer importance: influence (block influence, 1 - cos) or drop (calibration loss without it)"
+    )
+    rescale_norms: bool = setting(
+        False, "rescale each RMSNorm by the RMS its input loses with the removed hidden channels"
+    )
+    candidates: int = setting(12, "candidate shapes scored by their zero-shot loss")
+    probe_top: int = setting(3, "best zero-shot candidates that get a short distillation probe")
+    probe_steps: int = setting(8, "distillation steps of each probe (0: rank by zero-shot loss alone)")
+    probe_lr: float = setting(3e-4, "learning rate of the probe's steps")
+    batch_size: int = setting(4, "sequences per forward")
+    device: str = setting("auto", "auto, cpu, cuda or cuda:N")
+    threads: int = setting(0, "torch CPU threads (0: torch's default)")
+    seed: int = setting(0, "random seed (probe order)")
+    skip_bad_lines: bool = setting(False, "count and skip malformed data lines instead of stopping")
+
+    def __post_init__(self) -> None:
+        self.check_finite()
+        if isinstance(self.data, str):
+            self.data = [self.data]
+        if not self.out:
+            raise EdgeDistillError("out: expected an output directory (--out DIR)")
+        if self.layer_metric not in LAYER_METRICS:
+            raise EdgeDistillError(
+                f"layer_metric: expected one of {', '.join(LAYER_METRICS)}, got {self.layer_metric!r}"
+            )
+        for name in ("seq_len", "calibration", "probe_rows", "candidates", "probe_top", "batch_size"):
+            if getattr(self, name) <= 0:
+                raise EdgeDistillError(f"{name}: expected a positive integer, got {getattr(self, name)!r}")
+        for name in ("probe_steps", "threads"):
+            if getattr(self, name) < 0:
+                raise EdgeDistillError(f"{name}: expected a non-negative integer, got {getattr(self, name)!r}")
+        if not 0 < self.probe_lr <= 1:
+            raise EdgeDistillError(f"probe_lr: expected a positive number no larger than 1, got {self.probe_lr!r}")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise EdgeDistillError(f"val_fraction: expected a number in (0, 1), got {self.val_fraction!r}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise EdgeDistillError(f"seed: expected an integer in [0, {MAX_SEED}], got {self.seed!r}")
+        check_device(self.device)

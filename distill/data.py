@@ -36,6 +36,8 @@ from edgedistill.errors import EdgeDistillError
 REASONING_TAGS = ("<think>", "</think>", "<answer>", "</answer>")
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 DEFAULT_CORPUS = Path(__file__).parent / "corpus" / "default.jsonl.gz"
+# English prose written for this project, outside the corpus's domain: quality on text no student was trained on.
+OUTSIDE_TEXT = Path(__file__).parent / "corpus" / "outside.jsonl"
 # Longer texts are tokenized in pieces of at most this many characters, cut between words (see _pieces): a fast
 # tokenizer's encoding of one 50 MB record (ids, offsets, token strings, Python lists) peaked at 8.8 GB RSS.
 PIECE_CHARS = 1 << 16
@@ -351,6 +353,41 @@ def _is_heldout(key: str, fraction: float) -> bool:
     """A stable, content-based split: the same document is held out whatever files come with it."""
     digest = hashlib.sha1(key.encode("utf-8")).digest()
     return int.from_bytes(digest[:4], "big") / 2**32 < fraction
+
+
+def load_eval_data(files: list[str | Path], tokenizer: Any, seq_len: int, max_tokens: int = 0) -> PackedData:
+    """Every record of ``files`` packed for evaluation only (no split, nothing trained on): text outside the
+    training data, such as the embedded :data:`OUTSIDE_TEXT`. ``max_tokens`` (0: all) as ``heldout_tokens``."""
+    stats = DataStats(files=[str(f) for f in files])
+    records: list[Record] = []
+    for path in map(Path, files):
+        if not path.is_file():
+            raise EdgeDistillError(f"{path}: no such evaluation file")
+        records.extend(read_records(path, stats, False))
+    packed = pack(encode_records(records, tokenizer, 1.0), seq_len)
+    if packed.num_sequences == 0:
+        raise EdgeDistillError(
+            f"eval data: {', '.join(stats.files)} holds fewer than {seq_len + 1} tokens, too few for one sequence"
+        )
+    return subsample(packed, max_tokens, seq_len)
+
+
+def token_byte_lengths(tokenizer: Any) -> np.ndarray:
+    """[len(tokenizer)] int64: the UTF-8 bytes each token id stands for (special tokens 0), for bits per byte.
+    Read from the fast tokenizer's vocabulary as the runtime reads it (:class:`~edgedistill.token_pieces.TokenPieces`),
+    so that training-side and runtime-side bits per byte divide by the same bytes."""
+    import json
+
+    from edgedistill.token_pieces import TokenPieces
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise EdgeDistillError("bits per byte: needs a fast (tokenizers) tokenizer")
+    pieces = TokenPieces(backend, json.loads(backend.to_str()))
+    lengths = np.array([len(pieces(i)) for i in range(len(tokenizer))], dtype=np.int64)
+    special = [i for i in tokenizer.all_special_ids if 0 <= i < len(lengths)]
+    lengths[special] = 0
+    return lengths
 
 
 def load_data(

@@ -18,6 +18,7 @@ def teacher_parameter_count(config: Any) -> int:
         config.num_attention_heads,
         getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
         config.intermediate_size,
+        head_dim=getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
     )
     count = shape.parameter_count(config.vocab_size)
     if not getattr(config, "tie_word_embeddings", True):

@@ -33,8 +33,8 @@ from edgedistill.distill.checkpoint import (
     save_checkpoint,
     save_final,
 )
-from edgedistill.distill.config import SHAPE_FIELDS, TrainConfig
-from edgedistill.distill.data import DataStats, PackedData, load_data
+from edgedistill.distill.config import SHAPE_FIELDS, StudentShape, TrainConfig
+from edgedistill.distill.data import DataStats, PackedData, load_data, load_eval_data, token_byte_lengths
 from edgedistill.distill.student import (
     VocabAudit,
     audit_vocab,
@@ -43,7 +43,7 @@ from edgedistill.distill.student import (
     load_student_checkpoint,
     resolve_shape,
 )
-from edgedistill.errors import EdgeDistillError
+from edgedistill.errors import EdgeDistillError, one_line
 from edgedistill.files import atomic_write_text, claim
 
 StepHook = Callable[[int, dict[str, float]], None]
@@ -244,10 +244,18 @@ def cached_teacher(cache: Any) -> TeacherFor:
 
 
 def evaluate(
-    student: Any, teacher_for: TeacherFor | None, data: PackedData, batch_size: int, device: Any, max_tokens: int = 0
+    student: Any,
+    teacher_for: TeacherFor | None,
+    data: PackedData,
+    batch_size: int,
+    device: Any,
+    max_tokens: int = 0,
+    byte_lengths: Any = None,
 ) -> dict[str, float]:
-    """Held-out cross-entropy (every supervised token weighs 1), perplexity, forward KL (T = 1) to the teacher and
-    top-1 agreement with the teacher, over up to ``max_tokens`` supervised tokens (0: all). With a cached teacher
+    """Held-out cross-entropy (every supervised token weighs 1), perplexity, top-1 accuracy against the text, bits
+    per byte (with ``byte_lengths``, :func:`~edgedistill.distill.data.token_byte_lengths`), forward KL (T = 1) to
+    the teacher and top-1 agreement with the teacher, over up to ``max_tokens`` supervised tokens (0: all). With a
+    cached teacher
     the KL is the top-K one (``sparse_forward_kl``) and agreement is with the teacher's top-1 id. The student runs in
     float32 whatever its training precision, so that held-out numbers compare across runs and machines."""
     import torch
@@ -256,7 +264,8 @@ def evaluate(
     from edgedistill.distill.losses import chunk_rows, divergence, sparse_forward_kl
 
     student_head = SupervisedLogits(student).eval()
-    totals = {"ce": 0.0, "kd": 0.0, "agree": 0.0, "tokens": 0}
+    totals = {"ce": 0.0, "kd": 0.0, "agree": 0.0, "correct": 0, "bytes": 0, "tokens": 0}
+    lengths = torch.from_numpy(byte_lengths) if byte_lengths is not None else None
     with torch.no_grad():
         for start in range(0, data.num_sequences, batch_size):
             rows = slice(start, start + batch_size)
@@ -276,6 +285,10 @@ def evaluate(
                 totals["ce"] += torch.nn.functional.cross_entropy(student_logits, labels[part], reduction="sum").item()
                 count = student_logits.shape[0]
                 totals["tokens"] += count
+                predicted = student_logits.argmax(-1)
+                totals["correct"] += (predicted == labels[part]).sum().item()
+                if lengths is not None:
+                    totals["bytes"] += lengths[labels[part].cpu()].sum().item()
                 if teacher is None:
                     continue
                 if "teacher_ids" in teacher:
@@ -291,11 +304,18 @@ def evaluate(
                     kd = divergence("fkl", student_logits[:, :shared], teacher_logits)
                     teacher_top1 = teacher_logits.argmax(-1)
                 totals["kd"] += kd.item() * count
-                totals["agree"] += (student_logits.argmax(-1) == teacher_top1).sum().item()
+                totals["agree"] += (predicted == teacher_top1).sum().item()
             if max_tokens and totals["tokens"] >= max_tokens:
                 break
     tokens = max(1, totals["tokens"])
-    result = {"tokens": totals["tokens"], "ce": totals["ce"] / tokens, "perplexity": math.exp(totals["ce"] / tokens)}
+    result = {
+        "tokens": totals["tokens"],
+        "ce": totals["ce"] / tokens,
+        "perplexity": math.exp(totals["ce"] / tokens),
+        "top1_accuracy": totals["correct"] / tokens,
+    }
+    if lengths is not None:
+        result.update(bytes=totals["bytes"], bits_per_byte=totals["ce"] / math.log(2) / max(1, totals["bytes"]))
     if teacher_for is not None:
         result.update(kd_to_teacher=totals["kd"] / tokens, top1_agreement=totals["agree"] / tokens)
     student.train()
@@ -353,6 +373,7 @@ class _Run:
     optimizer: Any
     scheduler: Any
     resumed_step: int | None  # the step of the checkpoint this run resumed from; None: a fresh run
+    outside: PackedData | None = None  # --eval-data, loaded before training (rank 0) so a bad file fails early
 
     @property
     def start_step(self) -> int:
@@ -373,7 +394,6 @@ def _setup(config: TrainConfig, dist: _Distributed, out: Path) -> _Run:
     torch.manual_seed(config.seed)
     device = dist.device
     cache, source, tokenizer, teacher_config, teacher_info = _resolve_teacher(config)
-    student, audit = _make_student(config, teacher_config, tokenizer)
     train_data, heldout, stats = load_data(
         config.data,
         tokenizer,
@@ -388,8 +408,15 @@ def _setup(config: TrainConfig, dist: _Distributed, out: Path) -> _Run:
         print(f"skipped {stats.bad_lines} malformed line(s); first: {stats.bad_examples[0]}")
     if cache is not None:
         cache.check_run(config.seq_len, ids_sha256(train_data.ids, heldout.ids), tokenizer_sha256(tokenizer))
-
-    teacher = _training_teacher(config, source, student, device)
+    outside = None
+    if config.eval_data and dist.is_main:
+        outside = load_eval_data(config.eval_data, tokenizer, config.seq_len, config.eval_tokens)
+    if config.init == "prune":
+        source = _pruning_source(config, source, teacher_info)
+    student, audit = _make_student(config, teacher_config, tokenizer)
+    student, teacher = _training_teacher(config, source, student, device, train_data, out, dist.is_main)
+    if config.init == "prune" and cache is not None:
+        source = None  # the cache stands in for the teacher from here on
     student.to(device).train()
     student_params = sum(p.numel() for p in student.parameters())
     release_free_memory()
@@ -425,6 +452,7 @@ def _setup(config: TrainConfig, dist: _Distributed, out: Path) -> _Run:
         optimizer=optimizer,
         scheduler=scheduler,
         resumed_step=resumed_step,
+        outside=outside,
     )
 
 
@@ -444,7 +472,8 @@ def _resolve_teacher(config: TrainConfig) -> tuple[Any, teachers.TeacherSource |
     cache = TeacherCache(Path(config.teacher_cache))
     if config.init == "teacher":
         raise EdgeDistillError(
-            "init: --init teacher needs the teacher's weights, which a --teacher-cache run does not load"
+            "init: --init teacher needs the teacher's weights, which a --teacher-cache run does not load "
+            "(--init prune loads them from --teacher for the pruning only)"
         )
     if config.loss != "fkl" and config.alpha < 1.0:
         raise EdgeDistillError(f"loss: a teacher cache holds a top-K, which supports fkl only, got {config.loss}")
@@ -454,9 +483,34 @@ def _resolve_teacher(config: TrainConfig) -> tuple[Any, teachers.TeacherSource |
     return cache, None, tokenizer, teacher_config, info
 
 
+def _pruning_source(
+    config: TrainConfig, source: teachers.TeacherSource | None, teacher_info: dict[str, Any]
+) -> teachers.TeacherSource:
+    """The teacher whose weights ``--init prune`` cuts: the run's, or with a cache ``--teacher``, which must be the
+    teacher the cache was made from."""
+    if Path(config.student).is_dir():
+        raise EdgeDistillError(
+            f"init: --init prune derives the student from the teacher, but --student {config.student} is a "
+            "checkpoint; pass a preset or shape file (or `edgedistill prune` a checkpoint into a smaller one)"
+        )
+    if source is not None:
+        return source
+    pruned = teachers.resolve_teacher(config.teacher)
+    cached = teacher_info.get("sha256")
+    if cached and pruned.fingerprint() != cached:
+        raise EdgeDistillError(
+            f"init: --init prune cuts --teacher {config.teacher}, but the teacher cache {config.teacher_cache} "
+            "was made from another teacher (sha256 differs); pass the cache's teacher as --teacher"
+        )
+    return pruned
+
+
 def _make_student(config: TrainConfig, teacher_config: Any, tokenizer: Any) -> tuple[Any, VocabAudit]:
-    """The student (a checkpoint directory, or built to a preset or shape file) and its vocabulary audit."""
+    """The student (a checkpoint directory, or built to a preset or shape file) and its vocabulary audit. With
+    ``--init prune`` this is a stand-in of the teacher's shape until :func:`_training_teacher` derives it."""
     student_tokenizer = None
+    if config.init == "prune":
+        return None, audit_vocab(tokenizer, teacher_config.vocab_size, teacher_config.vocab_size)
     if Path(config.student).is_dir():
         student, student_tokenizer = load_student_checkpoint(Path(config.student))
     else:
@@ -465,22 +519,68 @@ def _make_student(config: TrainConfig, teacher_config: Any, tokenizer: Any) -> t
     return student, audit
 
 
-def _training_teacher(config: TrainConfig, source: teachers.TeacherSource | None, student: Any, device: Any) -> Any:
-    """The teacher model the loop runs, or None: a cache run (``source`` None), or CE only (alpha 1), where no
-    teacher is in memory while training (the final evaluation loads it). ``--init teacher`` first copies the
-    teacher's full-precision weights into ``student``, then runs the teacher in its own dtype."""
+def _training_teacher(
+    config: TrainConfig,
+    source: teachers.TeacherSource | None,
+    student: Any,
+    device: Any,
+    train_data: PackedData,
+    out: Path,
+    is_main: bool,
+) -> tuple[Any, Any]:
+    """(student, the teacher model the loop runs or None). None: a cache run (``source`` None), or CE only
+    (alpha 1), where no teacher is in memory while training (the final evaluation loads it). ``--init teacher``
+    first copies the teacher's full-precision weights into ``student``; ``--init prune`` derives the student from
+    them (:func:`_derive`). Either then runs the teacher in its own dtype."""
     import torch
 
     from edgedistill.distill.heads import resolve_dtype
 
-    needs_teacher = config.alpha < 1.0 and source is not None
-    if config.init == "teacher":
+    needs_teacher = config.alpha < 1.0 and source is not None and not config.teacher_cache
+    if config.init in ("teacher", "prune"):
         teacher = teachers.load_model(source, torch.float32, device)
-        init_from_teacher(student, teacher)
-        return teacher.to(resolve_dtype(config.teacher_dtype, device)) if needs_teacher else None
+        if config.init == "teacher":
+            init_from_teacher(student, teacher)
+        else:
+            student = _derive(config, teacher, train_data, device, out, is_main)
+        return student, teacher.to(resolve_dtype(config.teacher_dtype, device)) if needs_teacher else None
     if needs_teacher:
-        return teachers.load_model(source, resolve_dtype(config.teacher_dtype, device), device)
-    return None
+        return student, teachers.load_model(source, resolve_dtype(config.teacher_dtype, device), device)
+    return student, None
+
+
+def _derive(config: TrainConfig, teacher: Any, train_data: PackedData, device: Any, out: Path, is_main: bool) -> Any:
+    """``--init prune``: the student cut from ``teacher`` to ``--student`` (preset or shape file) on calibration
+    rows of the training data, its candidates and scores written to ``OUT/prune.json`` (rank 0)."""
+    import torch
+
+    from edgedistill.distill import prune
+    from edgedistill.distill.heads import resolve_dtype
+
+    ids = torch.from_numpy(train_data.ids).long()
+    calibration, probe = prune.calibration_rows(ids, prune.CALIBRATION_ROWS, prune.PROBE_ROWS)
+    reference = sum(p.numel() for p in teacher.parameters())
+    target = prune.target_parameters(config.student, reference)
+    shape = None if target is not None else resolve_shape(config.student, teacher.config)
+    record = out / prune.PRUNE_RECORD
+    if config.resume and record.is_file():  # the shape chosen before the interruption: no second search
+        try:
+            shape = StudentShape(**json.loads(record.read_text(encoding="utf-8"))["chosen"]["shape"])
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise EdgeDistillError(f"{record}: unreadable pruning record ({one_line(err)}); remove it") from None
+    derivation = prune.derive(
+        teacher,
+        target or 0.0,
+        calibration.to(device),
+        probe.to(device),
+        prune.PruneSettings(),
+        dtype=resolve_dtype(config.precision, device),
+        shape=shape,
+        log=print if is_main else None,
+    )
+    if is_main:
+        atomic_write_text(record, json.dumps(derivation.record, indent=2) + "\n")
+    return derivation.student
 
 
 def _restore(
@@ -607,11 +707,18 @@ def _save(
     checkpoint, then ``train_summary.json`` and the loss plot. Returns the summary."""
     run.optimizer = run.scheduler = None  # AdamW's moments go before the evaluation (the scheduler holds them too)
     teacher_for = _evaluation_teacher(run, config)
-    result = evaluate(run.student, teacher_for, run.heldout, config.batch_size, run.device, config.eval_tokens)
+    byte_lengths = token_byte_lengths(run.tokenizer)
+    result = evaluate(
+        run.student, teacher_for, run.heldout, config.batch_size, run.device, config.eval_tokens, byte_lengths
+    )
     teacher_for = run.teacher_for = run.objective = None  # the teacher goes before the checkpoint is written
+    outside = None
+    if run.outside is not None:  # text outside the training data: the student alone (a cache holds no teacher)
+        outside = evaluate(run.student, None, run.outside, config.batch_size, run.device, 0, byte_lengths)
+        outside["files"] = list(config.eval_data)
     save_final(run.out, run.student, run.tokenizer)
     (run.out / CHECKPOINT).unlink(missing_ok=True)  # the run is complete: the final checkpoint replaces it
-    summary = _summary(run, config, dist.world_size, final_metrics, train_seconds, result)
+    summary = _summary(run, config, dist.world_size, final_metrics, train_seconds, result, outside)
     atomic_write_text(run.out / SUMMARY, json.dumps(summary, indent=2) + "\n")
     plot_losses(run.out / METRICS, run.out / "loss_curve.png")
     return summary
@@ -637,6 +744,7 @@ def _summary(
     final_metrics: dict[str, Any],
     train_seconds: float,
     heldout: dict[str, float],
+    outside: dict[str, Any] | None,
 ) -> dict[str, Any]:
     """The contents of ``train_summary.json``."""
     steps_run = config.steps - run.start_step
@@ -648,7 +756,9 @@ def _summary(
         "student": {
             "spec": config.student,
             "parameters": run.student_params,
-            "shape": {k: getattr(student_config, k) for k in (*SHAPE_FIELDS, "vocab_size")},
+            "shape": {k: getattr(student_config, k) for k in (*SHAPE_FIELDS, "head_dim", "vocab_size")},
+            "init": config.init,
+            "derived": _derivation(run.out, config),
         },
         "vocab": {"tokenizer_size": run.audit.tokenizer_size, "shared_rows": run.audit.shared_rows},
         "data": {
@@ -670,5 +780,18 @@ def _summary(
             "device": str(run.device),
         },
         "heldout": heldout,
+        "outside": outside,
         "config": config.to_dict(),
     }
+
+
+def _derivation(out: Path, config: TrainConfig) -> dict[str, Any] | None:
+    """What the student was pruned from and to (``prune.json``: this run's, or the checkpoint's it started from),
+    or None for a student that was not derived by pruning."""
+    from edgedistill.distill.prune import PRUNE_RECORD
+
+    for record in (out / PRUNE_RECORD, Path(config.student) / PRUNE_RECORD):
+        if record.is_file():
+            data = json.loads(record.read_text(encoding="utf-8"))
+            return {"record": str(record), "source": data.get("source"), "chosen": data.get("chosen")}
+    return None

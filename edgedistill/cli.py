@@ -79,6 +79,29 @@ def _cmd_cache(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prune_args(parser: argparse.ArgumentParser) -> None:
+    from edgedistill.distill.config import PruneConfig
+
+    parser.add_argument("source_model", nargs="?", metavar="SOURCE", help="the model to cut (same as --source)")
+    PruneConfig.add_flags(parser)
+
+
+def _cmd_prune(args: argparse.Namespace) -> int:
+    from edgedistill.distill.config import PruneConfig
+    from edgedistill.distill.prune import run_prune
+
+    if args.source_model is not None:
+        if args.source is not None and args.source != args.source_model:
+            raise EdgeDistillError(f"source: given twice ({args.source_model!r} and --source {args.source!r})")
+        args.source = args.source_model
+    config = PruneConfig.from_args(args)
+    record = run_prune(config)
+    chosen = record["chosen"]
+    print(f"pruned student written to {config.out}: {chosen['parameters'] / 1e6:.2f} M parameters, {chosen['shape']}")
+    print(json.dumps({"out": config.out, "chosen": chosen}))
+    return 0
+
+
 def _export_args(parser: argparse.ArgumentParser) -> None:
     from edgedistill.export.cli import add_args
 
@@ -103,6 +126,11 @@ def _runtime(name: str) -> Callable[..., Any]:
 
 
 COMMANDS["distill"] = ("distil a teacher into a student (Hugging Face checkpoint out)", _distill_args, _cmd_distill)
+COMMANDS["prune"] = (
+    "derive a student from a teacher by structured pruning (channels, heads, FFN neurons, layers)",
+    _prune_args,
+    _cmd_prune,
+)
 COMMANDS["teacher-cache"] = ("run the teacher once and store its top-K for many students", _cache_args, _cmd_cache)
 COMMANDS["generate"] = (
     "generate text from a .gguf or ONNX model",

@@ -22,7 +22,6 @@ import json
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +39,7 @@ from edgedistill.runtime.model import (
 )
 from edgedistill.runtime.onnx_graph import SEQLENS_K, TOTAL_SEQUENCE_LENGTH, fuse_attention
 from edgedistill.runtime.text import ChatTemplate, check_utf8, decode_utf8, one_line
+from edgedistill.token_pieces import TokenPieces
 
 # Names of optimum's decoder-with-past (the same as export/onnx.py declares; the runtime imports nothing from it).
 MODEL_FILE = "model.onnx"
@@ -152,20 +152,6 @@ def llama_parameters(config: dict[str, Any]) -> int:
     return vocab * hidden + layers * per_layer + hidden + head
 
 
-@lru_cache(maxsize=1)
-def _byte_level_table() -> dict[str, int]:
-    """GPT-2's byte-level alphabet: the printable character that stands for each byte, inverted."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    codes = list(printable)
-    shift = 0
-    for byte in range(256):
-        if byte not in printable:
-            printable.append(byte)
-            codes.append(256 + shift)
-            shift += 1
-    return {chr(code): byte for byte, code in zip(printable, codes)}
-
-
 class OnnxModel(LanguageModel):
     """An ONNX decoder-with-past export run by onnxruntime on the CPU, with the ``tokenizers`` tokenizer.
 
@@ -251,18 +237,7 @@ class OnnxModel(LanguageModel):
             self.tokenizer = tokenizers.Tokenizer.from_file(str(tokenizer_file))
         except Exception as err:  # tokenizers raises a bare Exception on a malformed file
             raise EdgeDistillError(f"{tokenizer_file}: cannot be loaded ({one_line(err)})") from None
-        added = spec.get("added_tokens")
-        self._added = (
-            {t["id"]: t for t in added if isinstance(t, dict) and _is_int(t.get("id"))}
-            if isinstance(added, list)
-            else {}
-        )
-        self._special_ids = frozenset(i for i, t in self._added.items() if t.get("special"))
-        decoders = json.dumps(spec.get("decoder"))
-        self._byte_level = '"ByteLevel"' in decoders
-        self._byte_fallback = '"ByteFallback"' in decoders
-        self._metaspace = '"Metaspace"' in decoders or '"\\u2581"' in decoders or '"▁"' in decoders
-        self._piece_cache: dict[int, bytes] = {}
+        self._token_pieces = TokenPieces(self.tokenizer, spec)
 
         # The end ids: generation_config.json's, else config.json's, else the id of tokenizer_config's eos_token.
         source = GENERATION_CONFIG_FILE if generation.get("eos_token_id") is not None else CONFIG_FILE
@@ -347,33 +322,7 @@ class OnnxModel(LanguageModel):
         return self.tokenizer.decode(ids, skip_special_tokens=not special)
 
     def token_bytes(self, token_id: int) -> bytes:
-        if token_id in self._special_ids or token_id in self.eos_ids:
-            return b""
-        piece = self._piece_cache.get(token_id)
-        if piece is None:
-            piece = self._piece_cache[token_id] = self._piece(token_id)
-        return piece
-
-    def _piece(self, token_id: int) -> bytes:
-        """A token's bytes, from its vocabulary string as the tokenizer's decoder would turn it into text."""
-        token = self.tokenizer.id_to_token(token_id)
-        if token is None:
-            return b""
-        if token_id in self._added:  # added tokens are stored as their literal text
-            return token.encode("utf-8")
-        if self._byte_level:
-            table = _byte_level_table()
-            if all(char in table for char in token):
-                return bytes(table[char] for char in token)
-            return token.encode("utf-8")
-        if self._byte_fallback and len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
-            try:
-                return bytes([int(token[3:5], 16)])
-            except ValueError:
-                pass
-        if self._metaspace:
-            return token.replace("\u2581", " ").encode("utf-8")
-        return self.tokenizer.decode([token_id], skip_special_tokens=False).encode("utf-8")
+        return b"" if token_id in self.eos_ids else self._token_pieces(token_id)
 
     # ---------------------------------------------------------------------------------------------------- compute
 

@@ -40,6 +40,7 @@ CORE = (
     "edgedistill.isolate",
     "edgedistill.llamacpp",
     "edgedistill.system",
+    "edgedistill.token_pieces",
 )
 
 

@@ -21,12 +21,18 @@ def _result() -> dict:
     for label, params, decode, role in (("teacher", 100_000_000, 100.0, "teacher"), ("tiny", 12_500_000, 700.0, "x")):
         projection = project_decode_tps(decode, float(params), 20.0, pi5.bandwidth(2))
         projection.update(target="rpi5", threads=2, target_bandwidth_gbs=13.2, fits_in_target_cache=False)
+        teacher = role == "teacher"
         quality = {
-            "perplexity": 10.0 if role == "teacher" else 14.0,
+            "perplexity": 10.0 if teacher else 14.0,
+            "bits_per_byte": 1.0 if teacher else 1.25,
+            "top1_accuracy": 0.4 if teacher else 0.3,
             "tokens": 500,
             "agreement": None,
-            "retention": None if role == "teacher" else 10 / 14,
+            "retention": None if teacher else 0.8,
+            "accuracy_ratio": None if teacher else 0.75,
         }
+        if not teacher:
+            quality["agreement_note"] = "not measured: the teacher tokenizes the held-out text differently"
         rows.append(make_row(label, params, decode, role=role, projection=projection, quality=quality))
     rows[1]["bound_share"] = math.nan  # a figure that could not be computed must not break JSON
     result = make_result(rows, target=pi5.to_dict())
@@ -51,17 +57,43 @@ def test_reports_are_written_and_parse_back(tmp_path):
     assert float(table[1]["decode_tps_mean"]) == pytest.approx(700.0)
     assert float(table[1]["projection_decode_tps"]) == pytest.approx(rows_projection(result, 1))
     assert table[1]["bound_share"] == ""
+    assert float(table[1]["bits_per_byte"]) == 1.25 and float(table[1]["retention"]) == pytest.approx(0.8)
+    assert float(table[0]["top1_accuracy"]) == 0.4 and float(table[1]["top1_accuracy"]) == 0.3
+    assert float(table[1]["accuracy_ratio"]) == pytest.approx(0.75) and table[0]["accuracy_ratio"] == ""
+    assert data["rows"][1]["quality"]["top1_accuracy"] == 0.3 and data["rows"][1]["quality"]["accuracy_ratio"] == 0.75
 
     markdown = (tmp_path / "bench.md").read_text(encoding="utf-8")
     assert markdown_tables(result) in markdown
     assert "(projection)" in markdown and "projection, not a measurement" in markdown
     assert "**confirmed**" in markdown and "**refuted**" in markdown
-    assert "teacher perplexity / student perplexity" in markdown  # the retention definition is in the report
+    # the definitions are in the report: retention from bits per byte, top-1 accuracy against the text
+    assert "teacher bits per byte / student bits per byte" in markdown
+    assert "teacher perplexity / student perplexity" not in markdown
+    assert "**top1_accuracy**" in markdown and "**accuracy_ratio**" in markdown
+    # the quality table: perplexity beside bits per byte, accuracy beside agreement, retention and accuracy ratio
+    quality = markdown.split("### Quality", 1)[1].split("###", 1)[0]
+    assert "| perplexity | bits per byte | top-1 accuracy | top-1 agreement with teacher |" in quality
+    assert "| retention (teacher bits/byte / student bits/byte) | accuracy ratio (student / teacher top-1) |" in quality
+    assert "| teacher | 10.00 | 1.000 | 40.0 % | (teacher) | (teacher) | (teacher) | 500 |" in quality
+    assert "| tiny | 14.00 | 1.250 | 30.0 % | — | 80.0 % | 75.0 % | 500 |" in quality
+    assert "- tiny: agreement not measured: the teacher tokenizes the held-out text differently" in quality
     for name in PLOTS:
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"]({name})" in markdown
         assert written[name] == tmp_path / name
     assert not list(tmp_path.glob(".*.tmp"))  # atomic writes leave no temporary files
+
+
+def test_the_quality_table_says_why_a_figure_is_not_measured():
+    result = _result()
+    quality = result["rows"][1]["quality"]
+    quality.update(bits_per_byte=None, retention=None, accuracy_ratio=None)
+    quality["retention_note"] = "not measured: no bits per byte for the student (a backend that gives no token bytes)"
+    quality["accuracy_ratio_note"] = "not measured: the teacher's top-1 accuracy is 0"
+    section = markdown_tables(result).split("### Quality", 1)[1].split("###", 1)[0]
+    assert "| tiny | 14.00 | — | 30.0 % | — | — | — | 500 |" in section
+    assert "- tiny: retention not measured: no bits per byte for the student (" in section
+    assert "- tiny: accuracy ratio not measured: the teacher's top-1 accuracy is 0" in section
 
 
 def rows_projection(result: dict, index: int) -> float:

@@ -27,11 +27,20 @@ def test_pipeline_runs_every_stage_and_reports_the_seed_tables(tmp_path, tiny_te
     assert json.loads((run / "teacher" / "cache" / "manifest.json").read_text())["complete"]
     teacher_eval = json.loads((run / "teacher" / "heldout_eval.json").read_text())
     assert teacher_eval["perplexity"] > 1 and teacher_eval["parameters"] > 0
-    # distill: every student twice, same steps, alpha 0.5 and 1
+    assert teacher_eval["bits_per_byte"] > 0 and teacher_eval["outside"]["bits_per_byte"] > 0
+    # distill: every student derived by pruning (s16 from the distilled s32: the chain), then trained three ways
+    # with the same steps: derived + KD, derived + CE only, random init + CE only
+    derived = {
+        name: json.loads((run / "students" / f"{name}-derived" / "prune.json").read_text()) for name in ("s32", "s16")
+    }
+    assert derived["s32"]["source"]["spec"] == str(tiny_teacher)
+    assert derived["s16"]["source"]["spec"] == str(run / "students" / "s32-kd")
     for name in ("s32", "s16"):
-        for kind, alpha in (("kd", 0.5), ("ce", 1.0)):
+        for kind, alpha, init in (("kd", 0.5, True), ("ce", 1.0, True), ("random", 1.0, False)):
             summary = json.loads((run / "students" / f"{name}-{kind}" / "train_summary.json").read_text())
             assert summary["config"]["alpha"] == alpha and summary["train"]["steps"] == 4
+            assert (summary["student"]["derived"] is not None) == init
+            assert summary["heldout"]["bits_per_byte"] > 0 and summary["outside"]["bits_per_byte"] > 0
     # export: teacher and distilled students, GGUF and ONNX, parity recorded
     artifacts = state["stages"]["export"]["outputs"]["artifacts"]
     assert {(a["label"], a["format"]) for a in artifacts} == {
@@ -53,7 +62,8 @@ def test_pipeline_runs_every_stage_and_reports_the_seed_tables(tmp_path, tiny_te
     ):
         assert heading in text
     quality_rows = [line for line in text.splitlines() if line.startswith("| s32 ") or line.startswith("| s16 ")]
-    assert len(quality_rows) >= 2
+    assert len(quality_rows) >= 4  # table 1 and the derivations
+    assert "bits/byte, random init + CE" in text and "How each student was derived" in text
     assert "projection" in text and any(v in text for v in ("confirmed", "refuted", "not measured"))
     samples = json.loads((run / "samples.json").read_text())
     assert set(samples["models"]) == {"teacher", "s32-kd", "s16-kd"}

@@ -139,11 +139,28 @@ def test_the_registry_refuses_clashing_stages():
         DEFAULT.with_stage(Steal(), before="report")
 
 
-def test_the_default_fingerprints_are_those_of_before_the_registry():
-    """Run directories made before the stage registry resume: same keys per stage, same hashes."""
+def test_the_default_fingerprints_are_pinned():
+    """A stage's keys and fingerprint change only on purpose: a change redoes that stage (and the later ones) in every
+    existing run directory. Last changed when the students became derived by pruning (distill's keys, and the
+    teacher's default train_tokens, which every later fingerprint includes)."""
     assert DEFAULT.stage_keys() == {
         "teacher": ("teacher", "data", "seq_len", "top_k", "train_tokens", "heldout_tokens"),
-        "distill": ("students", "steps", "batch_size", "alpha", "temperature", "lr", "seed"),
+        "distill": (
+            "students",
+            "init",
+            "chain",
+            "steps",
+            "batch_size",
+            "alpha",
+            "temperature",
+            "lr",
+            "random_lr",
+            "warmup_steps",
+            "calibration",
+            "probe_steps",
+            "candidates",
+            "seed",
+        ),
         "export": ("gguf_quants", "onnx_quants"),
         "bench": (
             "bench_threads",
@@ -158,17 +175,17 @@ def test_the_default_fingerprints_are_those_of_before_the_registry():
     }
     config = PipelineConfig()
     assert {s: config.fingerprint(s) for s in STAGES} == {
-        "teacher": "3eee35872e536de9",
-        "distill": "0b6ad2a54027155b",
-        "export": "ad393271ec403cc0",
-        "bench": "196ad307083ac5ee",
-        "report": "5e5078aabdc9a891",
+        "teacher": "b54eaa67d752a100",
+        "distill": "48f3fff9fb291e97",
+        "export": "dee7cd022b1f1f90",
+        "bench": "dabed50a273ea5c7",
+        "report": "c9b1ec6263ce9423",
     }
 
 
 def test_every_pipeline_setting_has_its_help_beside_it():
     fields = dataclasses.fields(PipelineConfig)
-    assert len(fields) == 28
+    assert len(fields) == 35
     assert [f.name for f in fields if not f.metadata.get("help")] == []
 
 
@@ -255,7 +272,15 @@ def test_one_number_style_in_the_bench_and_the_report_parts(tmp_path):
     assert (number(1234.56), number(float("nan")), number(3.2, 2, "x")) == ("1,234.6", MISSING, "3.20x")
     bench = _bench_with([4.0, 8.0, 16.0])
     bench["rows"][1]["bound_share"] = None  # a value that could not be computed
-    bench["rows"][2]["quality"] = {"perplexity": 12.0, "tokens": 64, "agreement": None, "retention": 0.8}
+    bench["rows"][2]["quality"] = {
+        "perplexity": 12.0,
+        "bits_per_byte": 1.25,
+        "top1_accuracy": 0.3,
+        "tokens": 64,
+        "agreement": None,
+        "retention": 0.8,
+        "accuracy_ratio": 0.75,
+    }
     write_json(tmp_path / "bench" / "bench.json", bench)
     upstream = Upstream(Layout(tmp_path), PipelineConfig(out=str(tmp_path)), {}, DEFAULT.stages)
     text = markdown_tables(bench) + "\n".join(line for s in BenchStage().report(upstream) for line in s.lines)

@@ -1,5 +1,6 @@
 """Stage ``bench``: every artifact that passed parity measured on this host (latency, throughput, memory, quality
-through the runtime), with projections for a target profile, and the seed's claims checked (by the bench, once:
+through the runtime: perplexity, bits per byte, top-1 accuracy, and retention = teacher bits per byte ÷ student bits
+per byte), with projections for a target profile, and the seed's claims checked (by the bench, once:
 ``bench/bench.json`` holds them).
 
 Its part of the report: the seed's tables 2 (speed against the teacher) and 3 (memory and minimum hardware), the
@@ -111,20 +112,28 @@ class BenchStage(Stage[BenchSettings, BenchRecord]):
     def report(self, upstream: Upstream) -> list[Section]:
         bench = bench_result(upstream.layout)
         sections = [
-            Section(20, "2. Speed against the teacher", [
-                "Decode tokens/s through edgedistill's runtime on this host; speed-up = student ÷ teacher, same "
-                "format, quantization and threads.",
-                "",
-                speed_table(bench) if bench else NOT_RUN,
-            ]),
-            Section(30, "3. Memory and minimum hardware", [
-                "Peak resident memory sampled while the model loads, prefills and generates, in a fresh process per "
-                "model.",
-                "",
-                memory_table(bench) if bench else NOT_RUN,
-                "",
-                *hardware_lines(bench),
-            ]),
+            Section(
+                20,
+                "2. Speed against the teacher",
+                [
+                    "Decode tokens/s through edgedistill's runtime on this host; speed-up = student ÷ teacher, same "
+                    "format, quantization and threads.",
+                    "",
+                    speed_table(bench) if bench else NOT_RUN,
+                ],
+            ),
+            Section(
+                30,
+                "3. Memory and minimum hardware",
+                [
+                    "Peak resident memory sampled while the model loads, prefills and generates, in a fresh process "
+                    "per model.",
+                    "",
+                    memory_table(bench) if bench else NOT_RUN,
+                    "",
+                    *hardware_lines(bench),
+                ],
+            ),
             Section(50, "Claims of the seed document", claims_lines(bench)),
             Section(60, "Plots", _plots(upstream.layout)),
         ]
@@ -310,8 +319,9 @@ def _verdict_lines(claims: list[dict[str, Any]], bench: dict[str, Any]) -> list[
         lines.append(f"- {name} — {group[0]['seed']}: " + "; ".join(parts) + ".")
     if any(c["claim"].startswith("retention") and c["verdict"] == "refuted" for c in claims):
         lines.append(
-            "- Retention is measured on students trained with this run's budget (section 1): a refutation says "
-            "that *these* students keep that little of the teacher's quality, not what a longer run would reach."
+            "- Retention (teacher bits per byte ÷ student bits per byte, through the runtime) is measured on "
+            "students trained with this run's budget (section 1): a refutation says that *these* students keep that "
+            "little of the teacher's quality, not what a longer run would reach."
         )
     return lines
 

@@ -1,12 +1,21 @@
-"""Stage ``distill``: every student preset trained twice on the same data, budget and seed: with distillation
-(``alpha``) and without (alpha 1, cross-entropy only: the seed's "before distillation").
+"""Stage ``distill``: every student derived from the teacher by structured pruning, then trained three ways on the
+same data, budget and seed, so that the report shows what pruning buys and what distillation buys:
 
-Its part of the report: how the students were trained (preamble), the seed's table 1 (size and held-out quality
-before and after distillation) and the loss curves."""
+- ``<label>-random``: random initialisation, cross-entropy only (a preset shape of the same size);
+- ``<label>-ce``: the derived student, cross-entropy only (alpha 1: the seed's "before distillation");
+- ``<label>-kd``: the derived student, distilled (``alpha``: the seed's "after").
+
+With ``chain`` (the default) the first student is cut from the teacher and each later one from the student before
+it, distilled (a teacher-assistant chain: teacher -> 1/4 -> 1/8 -> 1/16 halves the model at each cut, within
+ModelOpt's advice not to cut more than about half at once); every run still distils from the original teacher.
+A derived student is ``students/<label>-derived`` (a checkpoint plus ``prune.json``).
+
+Its part of the report: how the students were made (preamble), the seed's table 1 (size and quality on a common
+scale, bits per byte, held out and outside the corpus) and the loss curves."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,26 +42,46 @@ if TYPE_CHECKING:
 STUDENTS = "students"
 
 
+INITS = ("prune", "random")
+
+
 @dataclass
 class DistillSettings:
-    """The students and how each is trained (its CE-only twin differs only in alpha)."""
+    """The students, how each is derived and how each is trained (its twins differ in alpha and init only)."""
 
     students: list[str] = setting(
         factory=lambda: ["small", "tiny", "nano"],
-        help="student presets (small, tiny, nano), shape files or checkpoint directories",
+        help="student presets (small, tiny, nano) or shape files, largest first",
     )
-    steps: int = setting(80, "optimizer steps per student run")
+    init: str = setting("prune", "prune: derive each student from the teacher (and random twins); random: no pruning")
+    chain: bool = setting(True, "derive each later student from the one before it, distilled (teacher-assistant chain)")
+    steps: int = setting(32, "optimizer steps per student run")
     batch_size: int = setting(8, "sequences per step")
     alpha: float = setting(0.5, "the distilled runs' CE weight (their twins use 1: CE only)")
     temperature: float = setting(1.0, "distillation temperature")
-    lr: float = setting(1e-3, "peak learning rate")
+    # measured on `small` (40 steps, derived, cache): 5e-4 -> 1.937 bits/byte, 1.5e-3 -> 1.835; alpha 0 was worse
+    lr: float = setting(1.5e-3, "peak learning rate of the derived students")
+    random_lr: float = setting(1e-3, "peak learning rate of the randomly initialised students")
+    warmup_steps: int = setting(-1, "linear warm-up steps (-1: 5%% of --steps)")
+    calibration: int = setting(32, "training sequences that measure each pruning's importance")
+    probe_steps: int = setting(4, "distillation steps of each pruning probe (0: zero-shot loss alone)")
+    candidates: int = setting(8, "candidate shapes scored per pruning")
     seed: int = setting(0, "random seed of every run")
 
     def __post_init__(self) -> None:
         check_strings(self, "students")
         if not self.students:
             raise EdgeDistillError("students: expected at least one student preset or shape file")
-        check_positive(self, "steps", "batch_size")
+        if self.init not in INITS:
+            raise EdgeDistillError(f"init: expected one of {', '.join(INITS)}, got {self.init!r}")
+        check_positive(self, "steps", "batch_size", "calibration", "candidates")
+        for name in ("lr", "random_lr"):
+            if not 0 < getattr(self, name) <= 1:
+                raise EdgeDistillError(
+                    f"{name}: expected a positive number no larger than 1, got {getattr(self, name)!r}"
+                )
+        if self.probe_steps < 0 or self.warmup_steps < -1:
+            raise EdgeDistillError("probe_steps, warmup_steps: expected a non-negative integer (warmup_steps: or -1)")
         if not 0.0 <= self.alpha < 1.0:
             raise EdgeDistillError(f"alpha: expected a number in [0, 1) for the distilled students, got {self.alpha!r}")
         if not self.temperature > 0:
@@ -64,9 +93,24 @@ def student_label(spec: str) -> str:
     return Path(spec).stem if ("/" in spec or "." in spec) else spec
 
 
+# The runs of each student: directory suffix -> (distilled, derived from the pruned student). With init "random"
+# there is no pruning: kd and ce both start from random weights and "random" is not run.
+RUNS = {"kd": (True, True), "ce": (False, True), "random": (False, False)}
+
+
 def student_dir(layout: Layout, spec: str, distilled: bool) -> Path:
     """``students/<label>-kd`` (distilled) or ``students/<label>-ce`` (its CE-only twin)."""
     return layout.path(STUDENTS) / f"{student_label(spec)}-{'kd' if distilled else 'ce'}"
+
+
+def random_dir(layout: Layout, spec: str) -> Path:
+    """``students/<label>-random``: the randomly initialised CE-only run (with init "prune")."""
+    return layout.path(STUDENTS) / f"{student_label(spec)}-random"
+
+
+def derived_dir(layout: Layout, spec: str) -> Path:
+    """``students/<label>-derived``: the pruned checkpoint that the -kd and -ce runs start from."""
+    return layout.path(STUDENTS) / f"{student_label(spec)}-derived"
 
 
 @dataclass
@@ -78,11 +122,26 @@ class StudentRun:
     parameters: int
     heldout: dict[str, Any]  # the run's held-out metrics (train_summary.json's "heldout")
     seconds: float
+    derived: bool = False  # started from the pruned student (else: random init)
+    outside: dict[str, Any] | None = None  # train_summary.json's "outside": English text outside the corpus
+
+
+@dataclass
+class Derived:
+    """One pruning: where the student came from and what it became (``prune.json``'s chosen shape)."""
+
+    path: str
+    student: str
+    source: str
+    parameters: int
+    shape: dict[str, int]
+    seconds: float
 
 
 @dataclass
 class DistillRecord(Record):
-    runs: dict[str, StudentRun]  # by directory name: s32-kd, s32-ce, ...
+    runs: dict[str, StudentRun]  # by directory name: s32-kd, s32-ce, s32-random, ...
+    derived: dict[str, Derived] = field(default_factory=dict)  # by student label
 
 
 class DistillStage(Stage[DistillSettings, DistillRecord]):
@@ -90,62 +149,121 @@ class DistillStage(Stage[DistillSettings, DistillRecord]):
     settings = DistillSettings
     record = DistillRecord
     outputs = (STUDENTS,)
-    full_budget = {"steps": 3000, "batch_size": 16}
+    # --full: about an hour on 2 cores: nine runs of 140 x 8 x 256 = 286,720 tokens (most of the training split,
+    # each sequence once), the teacher's cache over the whole split
+    full_budget = {"steps": 140, "batch_size": 8}
 
     def run(self, settings: DistillSettings, upstream: Upstream) -> DistillRecord:
         from edgedistill.distill.train import train
 
-        runs = {}
+        runs, derivations = {}, {}
+        source = upstream.settings(TeacherSettings).teacher
         for student in settings.students:
-            for distilled in (True, False):
-                config = _train_config(settings, upstream, student, distilled)
-                out = Path(config.out)
+            init = None
+            if settings.init == "prune":
+                derivations[student_label(student)] = derived = _derive(settings, upstream, student, source)
+                init = derived.path
+            for kind in RUNS if init is not None else ("kd", "ce"):
+                distilled, derived_run = RUNS[kind]
+                start = init if derived_run else None
+                config = _train_config(settings, upstream, student, kind, start)
                 how = f"alpha {settings.alpha}" if distilled else "CE only, alpha 1"
-                log(f"distill: {out.name} ({how})")
+                log(f"distill: {Path(config.out).name} ({how}, {'derived' if start else 'random init'})")
                 summary = train(config)
-                runs[out.name] = StudentRun(
-                    path=str(out),
+                runs[Path(config.out).name] = StudentRun(
+                    path=config.out,
                     student=student,
                     distilled=distilled,
                     alpha=config.alpha,
                     parameters=summary["student"]["parameters"],
                     heldout=summary["heldout"],
                     seconds=summary["train"]["seconds"],
+                    derived=start is not None,
+                    outside=summary.get("outside"),
                 )
-        return DistillRecord(runs=runs)
+            if settings.chain and init is not None:
+                source = str(student_dir(upstream.layout, student, True))
+        return DistillRecord(runs=runs, derived=derivations)
 
     def report(self, upstream: Upstream) -> list[Section]:
         settings = upstream.settings(DistillSettings)
         quality, rows = quality_table(upstream.layout, settings.students)
-        verdicts = _quality_verdicts(rows)
+        teacher = teacher_eval(upstream.layout)
         intro = (
-            "Held-out perplexity of the PyTorch checkpoints on the same "
-            f"{number(teacher_eval(upstream.layout).get('heldout_tokens'), 0)} held-out tokens as the teacher. "
-            "**Retention = teacher perplexity ÷ student perplexity** (100 % = as good as the teacher). The seed does "
-            'not say what its "performance" measures, so its percentages are compared with ours as the closest reading.'
+            "Quality of the PyTorch checkpoints in **bits per byte** (summed next-token loss in bits ÷ UTF-8 bytes of "
+            "the text: lower is better, and unlike perplexity it compares models whatever their tokenizer), on the "
+            f"same {number(teacher.get('heldout_tokens'), 0)} held-out tokens of the corpus as the teacher, and on "
+            f"English text outside the corpus (`{Path((teacher.get('outside') or {}).get('files', ['?'])[0]).name}`, "
+            f"{number((teacher.get('outside') or {}).get('tokens'), 0)} tokens, never trained on). **Retention = "
+            "teacher bits per byte ÷ student bits per byte** (100 % = as good as the teacher). Top-1 accuracy: the "
+            "share of next tokens the model ranks first, and its ratio to the teacher's. The seed does not say what "
+            'its "performance" measures, so its percentages are compared with ours as the closest reading.'
         )
         return [
             Section(1, None, [_training_sentence(settings, upstream.settings(TeacherSettings))]),
-            Section(10, "1. Size and quality before and after distillation", [intro, "", quality, "", *verdicts]),
+            Section(
+                10,
+                "1. Size and quality before and after distillation",
+                [intro, "", quality, "", *_quality_verdicts(rows), "", *_derivation_lines(upstream.layout, settings)],
+            ),
             Section(61, "Plots", _loss_curves(upstream.layout, settings.students)),
         ]
 
 
-def _train_config(settings: DistillSettings, upstream: Upstream, student: str, distilled: bool) -> TrainConfig:
-    """The TrainConfig of one run: the student, distilled (``alpha``) or its CE-only twin (alpha 1)."""
+def _derive(settings: DistillSettings, upstream: Upstream, student: str, source: str) -> Derived:
+    """``students/<label>-derived``: ``student`` cut from ``source`` (the teacher, or the distilled student before
+    it), sized against and probed with the teacher. A finished derivation (its prune.json) is reused."""
+    import json
+
+    from edgedistill.distill.config import PruneConfig
+    from edgedistill.distill.prune import PRUNE_RECORD, run_prune
+
+    data = upstream.settings(TeacherSettings)
+    out = derived_dir(upstream.layout, student)
+    if not (out / PRUNE_RECORD).is_file():
+        log(f"distill: deriving {out.name} from {source}")
+        run_prune(
+            PruneConfig(
+                source=source,
+                out=str(out),
+                student=student,
+                teacher=data.teacher,
+                data=list(data.data),
+                seq_len=data.seq_len,
+                calibration=settings.calibration,
+                candidates=settings.candidates,
+                probe_steps=settings.probe_steps,
+                seed=settings.seed,
+                device=upstream.run.device,
+                threads=upstream.run.threads,
+            ),
+            log=log,
+        )
+    record = json.loads((out / PRUNE_RECORD).read_text(encoding="utf-8"))
+    chosen = record["chosen"]
+    return Derived(str(out), student, source, chosen["parameters"], chosen["shape"], record["seconds"])
+
+
+def _train_config(
+    settings: DistillSettings, upstream: Upstream, student: str, kind: str, init: str | None
+) -> TrainConfig:
+    """The TrainConfig of run ``kind`` (:data:`RUNS`) of a student: from the derived checkpoint ``init``, else the
+    preset or shape file randomly initialised; distilled (``alpha``) or CE only (alpha 1)."""
     from edgedistill.distill.config import TrainConfig
+    from edgedistill.distill.data import OUTSIDE_TEXT
 
     data = upstream.settings(TeacherSettings)
     run = upstream.run
     return TrainConfig(
-        out=str(student_dir(upstream.layout, student, distilled)),
+        out=str(upstream.layout.path(STUDENTS) / f"{student_label(student)}-{kind}"),
         teacher=data.teacher,
         teacher_cache=str(cache_dir(upstream.layout)) if data.top_k else "",
-        student=student,
+        student=init or student,
         data=list(data.data),
-        alpha=settings.alpha if distilled else 1.0,
+        alpha=settings.alpha if RUNS[kind][0] else 1.0,
         temperature=settings.temperature,
-        lr=settings.lr,
+        lr=settings.lr if init else settings.random_lr,
+        warmup_steps=settings.warmup_steps,
         steps=settings.steps,
         batch_size=settings.batch_size,
         seq_len=data.seq_len,
@@ -154,6 +272,7 @@ def _train_config(settings: DistillSettings, upstream: Upstream, student: str, d
         threads=run.threads,
         train_tokens=data.train_tokens,
         heldout_tokens=data.heldout_tokens,
+        eval_data=[str(OUTSIDE_TEXT)],
         save_every=max(1, settings.steps // 4),
         resume=True,
     )
@@ -162,11 +281,26 @@ def _train_config(settings: DistillSettings, upstream: Upstream, student: str, d
 # ------------------------------------------------------------------------------------------------ report part
 def _training_sentence(settings: DistillSettings, data: TeacherSettings) -> str:
     teacher = ", from a top-" + str(data.top_k) + " teacher cache" if data.top_k else ", teacher online"
+    budget = f"{settings.steps} steps of {settings.batch_size} x {data.seq_len} tokens (seed {settings.seed})"
+    if settings.init == "random":
+        return (
+            f"Teacher: `{data.teacher}`; data: {', '.join(data.data) or 'the embedded corpus'}; students: "
+            f"{', '.join(settings.students)}, randomly initialised, each trained {budget} twice: distilled (alpha "
+            f"{settings.alpha}, T {settings.temperature}{teacher}) and CE only (alpha 1)."
+        )
+    chain = (
+        "the first from the teacher, each later one from the distilled student before it (a teacher-assistant chain)"
+        if settings.chain
+        else "each from the teacher"
+    )
     return (
         f"Teacher: `{data.teacher}`; data: {', '.join(data.data) or 'the embedded corpus'}; students: "
-        f"{', '.join(settings.students)}, each trained {settings.steps} steps of {settings.batch_size} x "
-        f"{data.seq_len} tokens (seed {settings.seed}) twice: distilled (alpha {settings.alpha}, T "
-        f"{settings.temperature}{teacher}) and CE only (alpha 1, the seed's \"before distillation\")."
+        f"{', '.join(settings.students)}, each derived by structured pruning ({chain}; importance on "
+        f"{settings.calibration} training sequences, {settings.candidates} candidate shapes, {settings.probe_steps} "
+        f"probe steps), then trained {budget} three ways: derived + distilled (alpha {settings.alpha}, T "
+        f"{settings.temperature}{teacher}, peak lr {settings.lr:g}), derived + CE only (alpha 1, the seed's "
+        f'"before distillation") and random init + CE only (the preset shape, peak lr {settings.random_lr:g}). '
+        "Every run distils from the original teacher."
     )
 
 
@@ -177,19 +311,28 @@ def seed_retention(klass: int | None) -> str:
     return percent(SEED_RETENTION[klass], 0) if klass in SEED_RETENTION else MISSING
 
 
+def _ratio(numerator: float | None, denominator: float | None) -> float | None:
+    return numerator / denominator if numerator and denominator else None
+
+
 @dataclass
 class StudentQuality:
-    """One student's row of table 1: held-out perplexity before (CE only) and after distillation."""
+    """One student's row of table 1: bits per byte of its three runs, retention, accuracy, outside text."""
 
     student: str
     parameters: int
     ratio: float | None  # teacher parameters / student parameters
-    ppl_before: float
+    bpb_random: float | None  # random init, CE only
+    bpb_before: float | None  # derived, CE only
+    bpb_after: float  # derived (or random with init "random"), distilled
     ppl_after: float
-    retention_before: float | None  # teacher perplexity / student perplexity
+    retention_before: float | None  # teacher bits per byte / student bits per byte
     retention_after: float | None
-    agreement_before: float | None  # top-1 agreement with the teacher
-    agreement_after: float | None
+    accuracy_after: float | None
+    accuracy_ratio: float | None  # of the teacher's
+    agreement_after: float | None  # top-1 agreement with the teacher
+    outside_bpb: float | None
+    outside_retention: float | None
     size_class: int | None  # the seed's size class (bench/claims.py's buckets)
 
     def cells(self) -> list[str]:
@@ -197,80 +340,162 @@ class StudentQuality:
             self.student,
             number(self.parameters / 1e6, 1, " M"),
             number(self.ratio, 1),
-            number(self.ppl_before, 1),
+            number(self.bpb_random, 3),
+            number(self.bpb_before, 3),
+            number(self.bpb_after, 3),
+            f"{percent(self.retention_before)} → {percent(self.retention_after)}",
+            f"{percent(self.accuracy_after)} ({number(self.accuracy_ratio, 2)})",
+            percent(self.agreement_after),
             number(self.ppl_after, 1),
-            percent(self.retention_before),
-            percent(self.retention_after),
-            f"{percent(self.agreement_before)} → {percent(self.agreement_after)}",
+            f"{number(self.outside_bpb, 3)} ({percent(self.outside_retention)})",
             seed_retention(self.size_class),
         ]
 
 
-def _student_quality(
-    layout: Layout, spec: str, teacher_ppl: float | None, teacher_params: int
-) -> StudentQuality | None:
-    """A student's row of table 1, or None while either of its two runs has no train_summary.json."""
+def _bpb(summary: dict[str, Any] | None, part: str = "heldout") -> float | None:
+    return ((summary or {}).get(part) or {}).get("bits_per_byte")
+
+
+def _student_quality(layout: Layout, spec: str, teacher: dict[str, Any]) -> StudentQuality | None:
+    """A student's row of table 1, or None while its distilled run has no train_summary.json."""
     after = read_json(student_dir(layout, spec, True) / "train_summary.json")
     before = read_json(student_dir(layout, spec, False) / "train_summary.json")
-    if not after or not before:
+    random = read_json(random_dir(layout, spec) / "train_summary.json")
+    if not after:
         return None
-    params = after["student"]["parameters"]
-    ppl_after, ppl_before = after["heldout"]["perplexity"], before["heldout"]["perplexity"]
+    derived = bool(after["student"].get("derived"))
+    if not derived:  # init "random": the CE-only twin is the random-init run and nothing was derived
+        random, before = before, {}
+    params, teacher_params = after["student"]["parameters"], teacher.get("parameters") or 0
+    teacher_bpb, teacher_outside = teacher.get("bits_per_byte"), _bpb(teacher, "outside")
     return StudentQuality(
         student=student_label(spec),
         parameters=params,
         ratio=teacher_params / params if teacher_params else None,
-        ppl_before=ppl_before,
-        ppl_after=ppl_after,
-        retention_before=teacher_ppl / ppl_before if teacher_ppl else None,
-        retention_after=teacher_ppl / ppl_after if teacher_ppl else None,
-        agreement_before=before["heldout"].get("top1_agreement"),
+        bpb_random=_bpb(random),
+        bpb_before=_bpb(before),
+        bpb_after=_bpb(after),
+        ppl_after=after["heldout"]["perplexity"],
+        retention_before=_ratio(teacher_bpb, _bpb(before)),
+        retention_after=_ratio(teacher_bpb, _bpb(after)),
+        accuracy_after=after["heldout"].get("top1_accuracy"),
+        accuracy_ratio=_ratio(after["heldout"].get("top1_accuracy"), teacher.get("top1_accuracy")),
         agreement_after=after["heldout"].get("top1_agreement"),
+        outside_bpb=_bpb(after, "outside"),
+        outside_retention=_ratio(teacher_outside, _bpb(after, "outside")),
         size_class=size_class(teacher_params, params),
     )
 
 
 def quality_table(layout: Layout, students: list[str]) -> tuple[str, list[StudentQuality]]:
-    """Seed table 1: size and held-out quality of each student before (CE only) and after distillation."""
+    """Seed table 1: size and quality (bits per byte) of each student's three runs."""
     teacher = teacher_eval(layout)
-    teacher_ppl = teacher.get("perplexity")
     teacher_params = teacher.get("parameters") or 0
-    ppl = number(teacher_ppl, 1)
-    rows = [["teacher", number(teacher_params / 1e6, 1, " M"), "1", ppl, ppl, percent(1.0, 0), percent(1.0, 0)]]
-    rows[0] += [MISSING, MISSING]
-    records = [q for q in (_student_quality(layout, s, teacher_ppl, teacher_params) for s in students) if q]
+    bpb = number(teacher.get("bits_per_byte"), 3)
+    rows = [
+        ["teacher", number(teacher_params / 1e6, 1, " M"), "1", bpb, bpb, bpb, f"{percent(1.0, 0)}"]
+        + [f"{percent(teacher.get('top1_accuracy'))} (1)", MISSING, number(teacher.get("perplexity"), 1)]
+        + [f"{number(_bpb(teacher, 'outside'), 3)} ({percent(1.0, 0)})", MISSING]
+    ]
+    records = [q for q in (_student_quality(layout, s, teacher) for s in students) if q]
     rows += [record.cells() for record in records]
     headers = [
         "model",
         "parameters",
         "teacher ÷ model",
-        "held-out ppl, CE only (before)",
-        "held-out ppl, distilled (after)",
-        "retention before",
-        "retention after",
-        "top-1 agreement with teacher (before → after)",
+        "bits/byte, random init + CE",
+        "bits/byte, derived + CE (before)",
+        "bits/byte, derived + KD (after)",
+        "retention before → after",
+        "top-1 accuracy after (÷ teacher's)",
+        "top-1 agreement with teacher",
+        "perplexity after",
+        "outside the corpus: bits/byte after (retention)",
         "seed's retention",
     ]
     return markdown_table(headers, rows), records
 
 
+def _verdict(before: float | None, after: float | None, what: str, student: str) -> str | None:
+    if before is None or after is None:
+        return None
+    gain = before / after - 1  # bits per byte: lower is better
+    verdict = "improved" if gain > 0.005 else ("made no difference to" if gain > -0.005 else "worsened")
+    return (
+        f"- `{student}`: {what} {verdict} held-out bits per byte ({number(before, 3)} → {number(after, 3)}, "
+        f"{100 * -gain / (1 + gain):+.1f} %)."
+    )
+
+
 def _quality_verdicts(records: list[StudentQuality]) -> list[str]:
     lines = []
     for record in records:
-        gain = record.ppl_before / record.ppl_after - 1
-        verdict = "improved" if gain > 0.005 else ("made no difference to" if gain > -0.005 else "worsened")
-        lines.append(
-            f"- `{record.student}`: distillation {verdict} held-out perplexity "
-            f"({number(record.ppl_before, 1)} → {number(record.ppl_after, 1)}, {100 * gain:+.1f} %)."
-        )
+        for line in (
+            _verdict(
+                record.bpb_random,
+                record.bpb_before,
+                "pruning from the teacher (random init → derived, both CE)",
+                record.student,
+            ),
+            _verdict(record.bpb_before, record.bpb_after, "distillation (derived + CE → derived + KD)", record.student),
+        ):
+            if line:
+                lines.append(line)
     return lines
+
+
+def _derivation_lines(layout: Layout, settings: DistillSettings) -> list[str]:
+    """How each student was derived: from what, to which shape, with the candidates' scores."""
+    from edgedistill.distill.prune import PRUNE_RECORD
+
+    rows = []
+    for student in settings.students:
+        record = read_json(derived_dir(layout, student) / PRUNE_RECORD)
+        if not record:
+            continue
+        chosen, shape = record["chosen"], record["chosen"]["shape"]
+        probe = chosen.get("probe_loss")
+        rows.append(
+            [
+                student_label(student),
+                f"`{Path(str(record['source'].get('spec', '?'))).name}`",
+                f"{shape['hidden_size']} × {shape['num_hidden_layers']} layers, {shape['num_attention_heads']} heads "
+                f"({shape['num_key_value_heads']} KV), FFN {shape['intermediate_size']}",
+                number(chosen["parameters"] / 1e6, 2, " M"),
+                str(len(record["candidates"])),
+                number(chosen.get("zero_shot_loss"), 3),
+                number(probe, 3),
+                number(record.get("seconds"), 0, " s"),
+            ]
+        )
+    if not rows:
+        return []
+    headers = [
+        "student",
+        "cut from",
+        "shape",
+        "parameters",
+        "candidates",
+        "zero-shot loss",
+        "after probe",
+        "time",
+    ]
+    return [
+        "How each student was derived (each `students/<name>-derived/prune.json` lists every candidate's scores):",
+        "",
+        markdown_table(headers, rows),
+    ]
 
 
 def _loss_curves(layout: Layout, students: list[str]) -> list[str]:
     lines = []
     for student in students:
-        for distilled in (True, False):
-            curve = student_dir(layout, student, distilled) / "loss_curve.png"
+        for directory in (
+            student_dir(layout, student, True),
+            student_dir(layout, student, False),
+            random_dir(layout, student),
+        ):
+            curve = directory / "loss_curve.png"
             if curve.is_file():
                 lines.append(f"![{curve.parent.name} loss]({curve.relative_to(layout.out).as_posix()})")
     return lines
