@@ -605,24 +605,17 @@ def calibration_rows(ids: torch.Tensor, calibration: int, probe: int) -> tuple[t
 
 
 def save_derived(out: Any, derivation: Derivation, tokenizer: Any) -> None:
-    """``out``: the derived student as a Hugging Face checkpoint plus ``prune.json``, every file renamed into
-    place (``prune.json`` last: its presence marks a complete derivation)."""
+    """``out``: the derived student as a Hugging Face checkpoint (:func:`~edgedistill.distill.checkpoint.save_final`)
+    plus ``prune.json``, written last: its presence marks a complete derivation."""
     import json
-    import shutil
     from pathlib import Path
 
-    from edgedistill.files import atomic_write_text, make_temp_dir, publish
+    from edgedistill.distill.checkpoint import save_final
+    from edgedistill.files import atomic_write_text
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    staging = make_temp_dir(out, "derived")
-    try:
-        derivation.student.save_pretrained(staging, safe_serialization=True)
-        tokenizer.save_pretrained(staging)
-        for file in sorted(staging.iterdir(), key=lambda p: p.suffix == ".safetensors"):
-            publish(file, out / file.name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    save_final(out, derivation.student, tokenizer)
     atomic_write_text(out / PRUNE_RECORD, json.dumps(derivation.record, indent=2) + "\n")
 
 
