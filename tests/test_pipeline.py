@@ -85,7 +85,7 @@ def test_pipeline_config_file_flags_and_full(tmp_path):
     config = PipelineConfig.from_sources(str(config_file), {"steps": 9, "full": None})
     assert config.students == ["tiny"] and config.steps == 9 and config.bench_threads == [1, 2]
     full = PipelineConfig.from_sources(str(config_file), {"full": True})
-    assert full.steps == 7 and full.batch_size == 16  # the file beats --full's budget; --full fills the rest
+    assert full.steps == 7 and full.train_tokens == 0  # the file beats --full's budget; --full fills the rest
     (tmp_path / "bad.toml").write_text('steps = "many"\n')
     with pytest.raises(EdgeDistillError, match="bad.toml: steps: expected a int"):
         PipelineConfig.from_sources(str(tmp_path / "bad.toml"), {})
