@@ -47,6 +47,19 @@ def _shape_file(path, **shape):
     return path
 
 
+def _one_group_shape(path):
+    """Hidden 32 = 2 heads x 16 (the teacher's head_dim), one KV group, 2 layers, FFN 64."""
+    return _shape_file(
+        path,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        intermediate_size=64,
+        head_dim=16,
+    )
+
+
 def _one_line_error(capsys, code, *fragments):
     stderr = capsys.readouterr().err
     assert code == 2, stderr
@@ -514,15 +527,7 @@ def test_pruned_standard_shape_exports_to_gguf(gqa_teacher, pruned, tmp_path):
     from edgedistill.distill.config import PruneConfig
 
     _, _, data = pruned
-    shape = _shape_file(
-        tmp_path / "shape.json",
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        intermediate_size=64,
-        head_dim=16,
-    )
+    shape = _one_group_shape(tmp_path / "shape.json")
     config = PruneConfig(
         source=str(gqa_teacher),
         student=str(shape),
@@ -600,15 +605,7 @@ def test_distill_init_prune(gqa_teacher, pruned, tmp_path, capsys):
     from transformers import AutoModelForCausalLM
 
     _, _, data = pruned
-    shape = _shape_file(
-        tmp_path / "shape.json",
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        intermediate_size=64,
-        head_dim=16,
-    )
+    shape = _one_group_shape(tmp_path / "shape.json")
     outside = write_jsonl(
         tmp_path / "outside.jsonl", [{"text": "Completely different prose about rivers and tea. " * 6}]
     )
