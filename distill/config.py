@@ -185,6 +185,11 @@ class TrainConfig(FlagConfig):
     warmup_steps: int = setting(-1, "linear warm-up steps (-1: 5%% of --steps)")  # %%: help is an argparse format
     weight_decay: float = setting(0.01, "AdamW weight decay of the weight matrices (norms get none)")
     grad_clip: float = setting(1.0, "clip the gradient norm to this (0: no clipping)")
+    freeze_embeddings: bool = setting(
+        False,
+        "keep the token embedding and the LM head fixed (for a student derived from the teacher, whose rows are "
+        "the teacher's): no head weight gradient and no optimizer state for them",
+    )
     steps: int = setting(200, "optimizer steps")
     batch_size: int = setting(8, "sequences per micro-batch per process")
     seq_len: int = setting(256, "tokens per packed sequence")

@@ -331,9 +331,11 @@ class _ChunkedDistillation(torch.autograd.Function):
         supervised = (weights > 0).to(torch.int64)
         count = max(1, int(supervised.sum()))
         grad_hidden = torch.zeros_like(hidden)
-        grad_weight = torch.zeros_like(head_weight)
+        # a frozen head (``freeze_embeddings``) needs no weight gradient: a third of the head's matmuls saved
+        need_weight = ctx.needs_input_grad[1]
+        grad_weight = torch.zeros_like(head_weight) if need_weight else None
         sums = torch.zeros(3, dtype=torch.promote_types(hidden.dtype, torch.float32), device=hidden.device)
-        weight = head_weight.detach().requires_grad_(True)
+        weight = head_weight.detach().requires_grad_(need_weight)
         closed_form = sparse is not None or teacher_hidden is teacher_logits is None
         # The head's matmuls may run in bf16 (``matmul_dtype``); softmax and loss are float32 in every case.
         low_weight = head_weight.detach().to(matmul_dtype or head_weight.dtype)
@@ -352,7 +354,8 @@ class _ChunkedDistillation(torch.autograd.Function):
                 )
                 grad_logits = grad_logits.to(low_weight.dtype)
                 grad_hidden[rows] = grad_logits @ low_weight
-                grad_weight += grad_logits.T @ low_hidden[rows]
+                if need_weight:
+                    grad_weight += grad_logits.T @ low_hidden[rows]
                 sums += values
                 continue
             piece = hidden[rows].detach().requires_grad_(True)
@@ -387,12 +390,15 @@ class _ChunkedDistillation(torch.autograd.Function):
                         beta,
                         skew,
                     )
-                grad_piece, grad_chunk_weight = torch.autograd.grad(total * share, (piece, weight))
+                if need_weight:
+                    grad_piece, grad_chunk_weight = torch.autograd.grad(total * share, (piece, weight))
+                    grad_weight += grad_chunk_weight
+                else:
+                    (grad_piece,) = torch.autograd.grad(total * share, (piece,))
             grad_hidden[rows] = grad_piece
-            grad_weight += grad_chunk_weight
             kd_value = kd.detach() if kd is not None else ce.new_zeros(())
             sums += share * torch.stack([total.detach(), ce.detach(), kd_value])
-        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.save_for_backward(grad_hidden, grad_weight if need_weight else None)
         ce, kd = sums[1].clone(), sums[2].clone()
         ctx.mark_non_differentiable(ce, kd)
         return sums[0].clone(), ce, kd
@@ -400,7 +406,8 @@ class _ChunkedDistillation(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_total, grad_ce, grad_kd):
         grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_total, grad_weight * grad_total, None, None, None, None, None, None, None
+        grad_weight = None if grad_weight is None else grad_weight * grad_total
+        return grad_hidden * grad_total, grad_weight, None, None, None, None, None, None, None
 
 
 def chunked_distillation_loss(

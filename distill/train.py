@@ -149,12 +149,20 @@ def supervised_batch(data: PackedData, rows: list[int] | slice, device: Any) -> 
     return ids[:, :-1].to(device), positions.to(device), labels.to(device), weights[positions].to(device)
 
 
+def freeze_embeddings(student: Any) -> None:
+    """Stop training the token embedding and the LM head (one tensor when tied)."""
+    for module in (student.get_input_embeddings(), student.get_output_embeddings()):
+        if module is not None:
+            module.weight.requires_grad_(False)
+
+
 def make_optimizer(student: Any, config: TrainConfig) -> tuple[Any, Any]:
     """AdamW (no weight decay on norms) and the warm-up + cosine schedule."""
     import torch
 
-    decay = [p for p in student.parameters() if p.ndim >= 2]
-    no_decay = [p for p in student.parameters() if p.ndim < 2]
+    trained = [p for p in student.parameters() if p.requires_grad]
+    decay = [p for p in trained if p.ndim >= 2]
+    no_decay = [p for p in trained if p.ndim < 2]
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=config.lr,
@@ -418,6 +426,8 @@ def _setup(config: TrainConfig, dist: _Distributed, out: Path) -> _Run:
     if config.init == "prune" and cache is not None:
         source = None  # the cache stands in for the teacher from here on
     student.to(device).train()
+    if config.freeze_embeddings:
+        freeze_embeddings(student)
     student_params = sum(p.numel() for p in student.parameters())
     release_free_memory()
 

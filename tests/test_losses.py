@@ -290,6 +290,31 @@ def test_chunked_loss_with_bf16_matmuls_stays_close():
     assert torch.allclose(low_h, grad_h, atol=2e-3, rtol=5e-2) and torch.allclose(low_w, grad_w, atol=2e-3, rtol=5e-2)
 
 
+@pytest.mark.parametrize("teacher_form", ["sparse", "logits"])
+def test_a_frozen_head_gets_no_gradient_and_the_same_hidden_gradient(teacher_form):
+    gen = torch.Generator().manual_seed(6)
+    hidden = torch.randn(23, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+    head = torch.randn(17, 8, generator=gen, dtype=torch.float64)
+    teacher_logits = torch.randn(23, 17, generator=gen, dtype=torch.float64)
+    labels = torch.randint(0, 17, (23,), generator=gen)
+    ids, values, tail = _topk(teacher_logits, 4)
+    teacher = (
+        {"teacher_ids": ids, "teacher_logprobs": values, "teacher_tail": tail}
+        if teacher_form == "sparse"
+        else {"teacher_logits": teacher_logits}
+    )
+    results = []
+    for trained in (True, False):
+        weight = head.clone().requires_grad_(trained)
+        total, _, _ = losses.chunked_distillation_loss(hidden, weight, labels, chunk=5, **teacher)
+        total.backward()
+        results.append((total.item(), hidden.grad.clone(), weight.grad))
+        hidden.grad = None
+    (value, grad_h, grad_w), (frozen_value, frozen_h, frozen_w) = results
+    assert grad_w is not None and frozen_w is None
+    assert frozen_value == value and torch.equal(frozen_h, grad_h)
+
+
 def test_cached_teacher_supports_forward_kl_only():
     hidden, head = torch.randn(4, 8), torch.randn(11, 8)
     labels = torch.randint(0, 11, (4,))

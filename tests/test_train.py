@@ -57,7 +57,9 @@ def test_distill_writes_a_loadable_checkpoint(tmp_path, tiny_teacher, text_data,
     assert '"heldout"' in capsys.readouterr().out.strip().splitlines()[-1]
 
 
-def test_every_parameter_changes_after_one_step(tmp_path, tiny_teacher, text_data, tiny_shape):
+@pytest.mark.parametrize("freeze", [False, True])
+def test_every_parameter_changes_after_one_step(tmp_path, tiny_teacher, text_data, tiny_shape, freeze):
+    """... except, with ``freeze_embeddings``, the (tied) embedding, which stays exactly as initialised."""
     from edgedistill.distill import teacher as teachers
     from edgedistill.distill.config import StudentShape
     from edgedistill.distill.student import build_student
@@ -77,6 +79,7 @@ def test_every_parameter_changes_after_one_step(tmp_path, tiny_teacher, text_dat
         seq_len=16,
         lr=1e-2,
         warmup_steps=0,
+        freeze_embeddings=freeze,
     )
     train(config, progress=False)
     from transformers import AutoModelForCausalLM
@@ -84,7 +87,8 @@ def test_every_parameter_changes_after_one_step(tmp_path, tiny_teacher, text_dat
     trained = AutoModelForCausalLM.from_pretrained(tmp_path / "one")
     before = dict(initial.named_parameters())
     for name, parameter in trained.named_parameters():
-        assert not torch.equal(parameter, before[name]), f"{name} did not change"
+        frozen = freeze and name == "model.embed_tokens.weight"
+        assert torch.equal(parameter, before[name]) == frozen, f"{name}: changed is {not frozen} expected"
 
 
 def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, tiny_teacher, text_data, tiny_shape):
