@@ -74,6 +74,13 @@ def build_student(shape: StudentShape, teacher_config: Any, tokenizer: Any) -> A
     return LlamaForCausalLM(config)
 
 
+def freeze_embeddings(student: Any) -> None:
+    """Stop training the token embedding and the LM head (one tensor when tied)."""
+    for module in (student.get_input_embeddings(), student.get_output_embeddings()):
+        if module is not None:
+            module.weight.requires_grad_(False)
+
+
 def load_student_checkpoint(path: Path) -> tuple[Any, Any]:
     """An existing student checkpoint directory (to distil further) and its tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -39,6 +39,7 @@ from edgedistill.distill.student import (
     VocabAudit,
     audit_vocab,
     build_student,
+    freeze_embeddings,
     init_from_teacher,
     load_student_checkpoint,
     resolve_shape,
@@ -147,13 +148,6 @@ def supervised_batch(data: PackedData, rows: list[int] | slice, device: Any) -> 
     positions = torch.nonzero(weights > 0).squeeze(1)
     labels = ids[:, 1:].reshape(-1)[positions]
     return ids[:, :-1].to(device), positions.to(device), labels.to(device), weights[positions].to(device)
-
-
-def freeze_embeddings(student: Any) -> None:
-    """Stop training the token embedding and the LM head (one tensor when tied)."""
-    for module in (student.get_input_embeddings(), student.get_output_embeddings()):
-        if module is not None:
-            module.weight.requires_grad_(False)
 
 
 def make_optimizer(student: Any, config: TrainConfig) -> tuple[Any, Any]:
