@@ -36,6 +36,8 @@ from edgedistill.errors import EdgeDistillError
 REASONING_TAGS = ("<think>", "</think>", "<answer>", "</answer>")
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 DEFAULT_CORPUS = Path(__file__).parent / "corpus" / "default.jsonl.gz"
+# The default teacher's answers to general-English requests (corpus/build_chat.py); the default data is both files.
+CHAT_CORPUS = Path(__file__).parent / "corpus" / "chat.jsonl.gz"
 # English prose written for this project, outside the corpus's domain: quality on text no student was trained on.
 OUTSIDE_TEXT = Path(__file__).parent / "corpus" / "outside.jsonl"
 # Longer texts are tokenized in pieces of at most this many characters, cut between words (see _pieces): a fast
@@ -400,9 +402,10 @@ def load_data(
     train_tokens: int = 0,
     heldout_tokens: int = 0,
 ) -> tuple[PackedData, PackedData, DataStats]:
-    """Read, tokenize, split and pack ``files`` (the embedded corpus when empty) into train and held-out data;
-    ``train_tokens`` / ``heldout_tokens`` (0: all) keep that many tokens of a split in evenly spaced sequences."""
-    paths = [Path(f) for f in files] or [DEFAULT_CORPUS]
+    """Read, tokenize, split and pack ``files`` (the embedded corpus and chat answers when empty) into train and
+    held-out data; ``train_tokens`` / ``heldout_tokens`` (0: all) keep that many tokens of a split in evenly spaced
+    sequences."""
+    paths = [Path(f) for f in files] or [DEFAULT_CORPUS, CHAT_CORPUS]
     stats = DataStats(files=[str(p) for p in paths])
     records: list[Record] = []
     for path in paths:

@@ -7,7 +7,17 @@ import numpy as np
 import pytest
 from conftest import make_tokenizer, write_jsonl
 
-from edgedistill.distill.data import DEFAULT_CORPUS, DataStats, Record, encode_records, load_data, pack, read_records
+from edgedistill.distill.data import (
+    CHAT_CORPUS,
+    DEFAULT_CORPUS,
+    OUTSIDE_TEXT,
+    DataStats,
+    Record,
+    encode_records,
+    load_data,
+    pack,
+    read_records,
+)
 from edgedistill.errors import EdgeDistillError
 
 
@@ -171,6 +181,28 @@ def test_embedded_corpus_is_shipped():
         first = json.loads(handle.readline())
     assert isinstance(first["text"], str) and len(first["text"]) > 100
     assert (DEFAULT_CORPUS.parent / "LICENSE-PSF.txt").is_file() and (DEFAULT_CORPUS.parent / "README.md").is_file()
+
+
+def _shingles(text, n=8):
+    words = text.lower().split()
+    return {" ".join(words[i : i + n]) for i in range(len(words) - n + 1)}
+
+
+def test_chat_corpus_is_conversations_and_never_quotes_the_outside_text():
+    stats = DataStats(files=[str(CHAT_CORPUS)])
+    records = list(read_records(CHAT_CORPUS, stats, skip_bad_lines=False))
+    assert len(records) >= 300 and all(r.messages and r.messages[-1]["role"] == "assistant" for r in records)
+    outside = set()
+    for line in OUTSIDE_TEXT.read_text(encoding="utf-8").splitlines():
+        outside |= _shingles(json.loads(line)["text"])
+    trained = set()
+    for record in records:
+        for message in record.messages:
+            trained |= _shingles(message["content"])
+    with gzip.open(DEFAULT_CORPUS, "rt", encoding="utf-8") as handle:
+        for line in handle:
+            trained |= _shingles(json.loads(line)["text"])
+    assert len(outside) > 3000 and not outside & trained  # no 8-word run of the outside text is trained on
 
 
 def test_token_budget_keeps_evenly_spaced_sequences(tokenizer, tmp_path):
