@@ -141,8 +141,8 @@ def test_the_registry_refuses_clashing_stages():
 
 def test_the_default_fingerprints_are_pinned():
     """A stage's keys and fingerprint change only on purpose: a change redoes that stage (and the later ones) in every
-    existing run directory. Last changed when the students became derived by pruning (distill's keys, and the
-    teacher's default train_tokens, which every later fingerprint includes)."""
+    existing run directory. Last changed when the derived runs froze their embeddings by default (distill's
+    freeze_embeddings and probe_steps 0)."""
     assert DEFAULT.stage_keys() == {
         "teacher": ("teacher", "data", "seq_len", "top_k", "train_tokens", "heldout_tokens"),
         "distill": (
@@ -156,6 +156,7 @@ def test_the_default_fingerprints_are_pinned():
             "lr",
             "random_lr",
             "warmup_steps",
+            "freeze_embeddings",
             "calibration",
             "probe_steps",
             "candidates",
@@ -176,16 +177,16 @@ def test_the_default_fingerprints_are_pinned():
     config = PipelineConfig()
     assert {s: config.fingerprint(s) for s in STAGES} == {
         "teacher": "b54eaa67d752a100",
-        "distill": "48f3fff9fb291e97",
-        "export": "dee7cd022b1f1f90",
-        "bench": "dabed50a273ea5c7",
-        "report": "c9b1ec6263ce9423",
+        "distill": "1d6e313ff0559617",
+        "export": "f06d073de426b61b",
+        "bench": "a67e8db3de482943",
+        "report": "b8ba3e58e398a61e",
     }
 
 
 def test_every_pipeline_setting_has_its_help_beside_it():
     fields = dataclasses.fields(PipelineConfig)
-    assert len(fields) == 35
+    assert len(fields) == 36
     assert [f.name for f in fields if not f.metadata.get("help")] == []
 
 
