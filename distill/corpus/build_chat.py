@@ -68,7 +68,7 @@ TOPICS = (
 
 
 def requests() -> list[str]:
-    """Every template with every topic, interleaved so that any prefix of the list covers many topics."""
+    """Every template with every topic, topic by topic: ``main`` takes every n-th, so a sample spans all topics."""
     return [template.format(topic) for topic in TOPICS for template in TEMPLATES]
 
 
