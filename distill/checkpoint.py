@@ -93,12 +93,17 @@ def load_checkpoint(out: Path, config: TrainConfig, data_sha256: str) -> dict[st
     return state
 
 
-def save_final(out: Path, student: Any, tokenizer: Any) -> None:
-    """The Hugging Face checkpoint (config, safetensors, tokenizer, chat template), each file renamed into place."""
+def save_final(out: Path, student: Any, tokenizer: Any, vocab_map: Any = None) -> None:
+    """The Hugging Face checkpoint (config, safetensors, tokenizer, chat template; a trimmed student's
+    ``vocab_map.json``), each file renamed into place."""
     staging = make_temp_dir(out, "final")
     try:
         student.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
+        if vocab_map is not None:
+            vocab_map.save(staging)
+        else:  # an earlier trimmed run's map must not describe this full-vocabulary checkpoint
+            (out / "vocab_map.json").unlink(missing_ok=True)
         files = sorted(staging.iterdir(), key=lambda p: p.suffix == ".safetensors")  # weights land last
         for file in files:
             publish(file, out / file.name)

@@ -133,6 +133,27 @@ def solve_preset_shape(
     return min(candidates, key=lambda c: c[0])[2]
 
 
+# How a cached top-K teacher's probability on ids a trimmed student dropped reaches it: in the tail bucket, or
+# removed (the kept ids renormalised); distill/vocab.py
+KD_MODES = ("tail", "renorm")
+
+
+def parse_vocab(value: str, field: str = "vocab") -> int | None:
+    """``--vocab``: '' or 'full' -> None (the teacher's vocabulary), 'auto' -> 0 (what the data uses), 'N' -> N."""
+    text = str(value).strip().lower()
+    if text in ("", "full"):
+        return None
+    if text == "auto":
+        return 0
+    try:
+        size = int(text)
+    except ValueError:
+        size = -1
+    if size < 1:
+        raise EdgeDistillError(f"{field}: expected full, auto or a positive number of tokens, got {value!r}")
+    return size
+
+
 LOSSES = ("fkl", "rkl", "jsd", "skl", "srkl")
 INITS = ("random", "teacher", "prune")
 DTYPES = ("auto", "float32", "bfloat16")
@@ -163,9 +184,19 @@ class TrainConfig(FlagConfig):
         "prune.json in --out); or teacher: copy embeddings, final norm and every k-th layer (the teacher's width)",
     )
     data: list[str] = setting(
-        help=".jsonl (text, chat, reasoning chat) or .txt files, optionally .gz; default: the embedded corpus",
+        help=".jsonl (text, chat, reasoning chat) or .txt files, optionally .gz; default: the embedded corpora",
         factory=list,
         metavar="FILE",
+    )
+    vocab: str = setting(
+        "full",
+        "the student's vocabulary: full (the teacher's), auto (special, byte and chat-template tokens and every "
+        "token the data uses, closed under merges: the data tokenizes identically) or N (the N most frequent); a "
+        "checkpoint student keeps its own",
+    )
+    vocab_kd: str = setting(
+        "tail",
+        "a trimmed student's cached teacher: the dropped ids' mass in the tail bucket (tail) or removed (renorm)",
     )
     # seed: MiniMind's default
     alpha: float = setting(0.5, "weight of CE in alpha*CE + (1-alpha)*KD (1 = no distillation)")
@@ -236,6 +267,9 @@ class TrainConfig(FlagConfig):
             raise bad("temperature", "a positive number")
         if self.loss not in LOSSES:
             raise bad("loss", f"one of {', '.join(LOSSES)}")
+        parse_vocab(self.vocab)
+        if self.vocab_kd not in KD_MODES:
+            raise bad("vocab_kd", f"one of {', '.join(KD_MODES)}")
         if self.init not in INITS:
             raise bad("init", f"one of {', '.join(INITS)}")
         for name in ("teacher_dtype", "precision"):
@@ -281,7 +315,7 @@ class CacheConfig(FlagConfig):
     out: str = setting("", "cache directory (manifest.json, shards, the teacher's tokenizer and config)")
     teacher: str = setting("smollm2-135m", "a checkpoint directory, a .gguf file, or smollm2-135m (default)")
     data: list[str] = setting(
-        help="data files as for distill (default: the embedded corpus); packed exactly as distill packs them",
+        help="data files as for distill (default: the embedded corpora); packed exactly as distill packs them",
         factory=list,
         metavar="FILE",
     )
@@ -346,11 +380,14 @@ class PruneConfig(FlagConfig):
         "", "the original teacher: presets are sized against it and probes distil from it (default: the source)"
     )
     data: list[str] = setting(
-        help="training data whose tokens calibrate the importance (default: the embedded corpus)",
+        help="training data whose tokens calibrate the importance (default: the embedded corpus and chat answers)",
         factory=list,
         metavar="FILE",
     )
     seq_len: int = setting(256, "tokens per packed sequence")
+    vocab: str = setting(
+        "full", "the student's vocabulary: full, auto (what the data uses, closed under merges) or N (as distill's)"
+    )
     val_fraction: float = setting(0.1, "share of documents held out (never used for calibration)")
     calibration: int = setting(64, "sequences of the training data on which importance is measured")
     probe_rows: int = setting(16, "other training sequences on which candidate shapes are scored")
@@ -376,6 +413,7 @@ class PruneConfig(FlagConfig):
             self.data = [self.data]
         if not self.out:
             raise EdgeDistillError("out: expected an output directory (--out DIR)")
+        parse_vocab(self.vocab)
         if self.layer_metric not in LAYER_METRICS:
             raise EdgeDistillError(
                 f"layer_metric: expected one of {', '.join(LAYER_METRICS)}, got {self.layer_metric!r}"

@@ -99,6 +99,9 @@ class DataStats:
     heldout_tokens: int = 0
     tag_tokens: int = 0
     sha256: str = ""
+    # occurrences of each token id in every document of the files (both splits, before any budget): what a trimmed
+    # vocabulary keeps (``vocab.choose_vocab``)
+    token_counts: np.ndarray | None = field(default=None, repr=False)
 
 
 def _open_text(path: Path) -> io.TextIOBase:
@@ -416,6 +419,7 @@ def load_data(
     if not records:
         raise EdgeDistillError(f"no usable records in {', '.join(stats.files)}: the data is empty")
     documents = encode_records(records, tokenizer, tag_weight)
+    stats.token_counts = np.bincount(np.concatenate([d.ids for d in documents]), minlength=len(tokenizer))
     train_docs = [d for d in documents if not _is_heldout(d.key, val_fraction)]
     heldout_docs = [d for d in documents if _is_heldout(d.key, val_fraction)]
     train, heldout = pack(train_docs, seq_len), pack(heldout_docs, seq_len)

@@ -231,7 +231,9 @@ def sparse_forward_kl(
     teacher = F.log_softmax(teacher_buckets / temperature, dim=-1)  # [N, K + 1]
     student = _log_probs(student_logits, temperature)  # [N, V]
     student_top = student.gather(-1, teacher_ids)
-    student_tail = student.scatter(-1, teacher_ids, float("-inf")).logsumexp(-1, keepdim=True)
+    # a padding slot (log-prob -inf: an id a trimmed student dropped) is no bucket: its token stays in the tail
+    not_top = torch.where(torch.isfinite(_upcast(teacher_logprobs)), float("-inf"), student_top)
+    student_tail = student.scatter(-1, teacher_ids, not_top).logsumexp(-1, keepdim=True)
     student_buckets = torch.cat([student_top, student_tail], dim=-1)
     teacher_probs = teacher.exp()
     # 0 · log 0 = 0: an empty tail (K = V, or all mass in the top K) contributes nothing
@@ -261,7 +263,8 @@ def _fused_sparse_chunk(
     [n, V] (two log-softmaxes, a scattered copy for the tail, their backward passes); this makes four or five. With
     q the student's tempered distribution, t the teacher's buckets and ``tail`` the bucket outside the teacher's
     top K, d(T² KL)/dz is T·(q_j − t_j) on a top-K token and T·q_j·(1 − t_tail / q_tail) elsewhere; d CE / dz is
-    p − onehot(label).
+    p − onehot(label). A padding slot (teacher log-prob -inf, :func:`~edgedistill.distill.vocab.map_sparse`) is
+    no bucket: its token is counted in the tail, by value and by gradient.
     """
     label_logit = logits.gather(-1, labels[:, None]).squeeze(-1)
     peak = logits.amax(-1, keepdim=True)
@@ -283,7 +286,10 @@ def _fused_sparse_chunk(
     ids, teacher_logprobs, teacher_tail = sparse
     student = probs if tempered is None else tempered
     student_mass = mass if tempered is None else tempered.sum(-1, keepdim=True)
-    student.scatter_(-1, ids, 0.0)  # the top-K entries are written again below; the rest is the tail
+    valid = torch.isfinite(_upcast(teacher_logprobs))
+    padded = not bool(valid.all())
+    # the top-K entries are written again below; the rest (padding slots' tokens included) is the tail
+    student.scatter_(-1, ids, torch.where(valid, 0.0, student.gather(-1, ids)) if padded else 0.0)
     tail_mass = student.sum(-1)
     log_student_top = (top_logits - peak) / temperature - student_mass.log()  # [n, K]
     log_student_tail = tail_mass.log() - student_mass.squeeze(-1).log()  # [n]
@@ -308,9 +314,8 @@ def _fused_sparse_chunk(
         grad.add_(tempered.mul_((kd_scale * (1 - ratio) / student_mass.squeeze(-1))[:, None]))
     top_probs = (top_logits - peak - log_mass).exp()  # p at the teacher's top K (T = 1)
     top_student = log_student_top.exp()  # q there
-    grad.scatter_(
-        -1, ids, alpha * scale[:, None] * top_probs + kd_scale[:, None] * (top_student - teacher_probs[:, :-1])
-    )
+    top_grad = alpha * scale[:, None] * top_probs + kd_scale[:, None] * (top_student - teacher_probs[:, :-1])
+    grad.scatter_(-1, ids, torch.where(valid, top_grad, grad.gather(-1, ids)) if padded else top_grad)
     grad.scatter_add_(-1, labels[:, None], -alpha * scale[:, None])
     ce = (scale * ce_rows).sum()
     kd = (scale * kd_rows).sum()

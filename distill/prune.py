@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from edgedistill.distill.config import LAYER_METRICS, PRESET_TOLERANCE, StudentShape
+from edgedistill.distill.vocab import VocabMap
 from edgedistill.errors import EdgeDistillError
 
 # Calibration (importance) and probe (candidate scoring) sequences of ``distill --init prune``; `edgedistill
@@ -223,6 +224,7 @@ class PrunePlan:
     groups: list[list[int]]  # per kept layer: its kept KV groups
     ffn: list[list[int]]  # per kept layer: its kept FFN neurons
     norm_scale: list[float] = field(default_factory=list)  # per source norm (2 L + 1); empty: no rescaling
+    vocab: list[int] | None = None  # the source's embedding rows kept (a trimmed vocabulary); None: all
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -234,9 +236,15 @@ class PrunePlan:
 
 
 def make_plan(
-    importance: Importance, source: StudentShape, shape: StudentShape, layer_metric: str, rescale_norms: bool
+    importance: Importance,
+    source: StudentShape,
+    shape: StudentShape,
+    layer_metric: str,
+    rescale_norms: bool,
+    vocab: list[int] | None = None,
 ) -> PrunePlan:
-    """The structures of ``source`` a model of ``shape`` keeps: the most important of each kind."""
+    """The structures of ``source`` a model of ``shape`` keeps: the most important of each kind (and the
+    embedding rows ``vocab`` of a trimmed vocabulary)."""
     _check_sliceable(source, shape)
 
     def top(scores: torch.Tensor, k: int) -> list[int]:
@@ -250,7 +258,7 @@ def make_plan(
     if rescale_norms:
         energy = importance.norm_inputs
         scale = torch.sqrt(energy[:, hidden].mean(1) / energy.mean(1).clamp_min(1e-30)).tolist()
-    return PrunePlan(hidden, layers, groups, ffn, scale)
+    return PrunePlan(hidden, layers, groups, ffn, scale, vocab)
 
 
 def _check_sliceable(source: StudentShape, shape: StudentShape) -> None:
@@ -289,6 +297,13 @@ def slice_model(model: Any, plan: PrunePlan) -> Any:
         intermediate_size=len(plan.ffn[0]),
         head_dim=head_dim,
     )
+    vocab = torch.arange(model.config.vocab_size) if plan.vocab is None else torch.tensor(plan.vocab)
+    if plan.vocab is not None:  # special ids in the config follow their rows
+        new_id = {old: new for new, old in enumerate(plan.vocab)}
+        config["vocab_size"] = len(plan.vocab)
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            if isinstance(config.get(key), int):
+                config[key] = new_id.get(config[key])
     if "layer_types" in config:
         config["layer_types"] = [config["layer_types"][i] for i in plan.layers]
     student = LlamaForCausalLM(type(model.config)(**config))
@@ -301,7 +316,7 @@ def slice_model(model: Any, plan: PrunePlan) -> Any:
     def copy(dst: torch.Tensor, src: torch.Tensor) -> None:
         dst.copy_(src.to(dst.dtype))
 
-    copy(student.model.embed_tokens.weight, model.model.embed_tokens.weight[:, hid])
+    copy(student.model.embed_tokens.weight, model.model.embed_tokens.weight[vocab][:, hid])
     for new, (old_index, groups, ffn) in enumerate(zip(plan.layers, plan.groups, plan.ffn)):
         old, dst = model.model.layers[old_index], student.model.layers[new]
         q_heads = [g * group + h for g in groups for h in range(group)]
@@ -319,7 +334,7 @@ def slice_model(model: Any, plan: PrunePlan) -> Any:
         copy(new_mlp.down_proj.weight, mlp.down_proj.weight[hid][:, ffn_rows])
     copy(student.model.norm.weight, model.model.norm.weight[hid] * scales[-1])
     if not model.config.tie_word_embeddings:
-        copy(student.lm_head.weight, model.lm_head.weight[:, hid])
+        copy(student.lm_head.weight, model.lm_head.weight[vocab][:, hid])
     student.train()
     return student
 
@@ -398,22 +413,40 @@ def _round(value: float | None) -> float | None:
 
 
 def probe_distill(
-    student: Any, teacher: Any, ids: torch.Tensor, steps: int, batch_size: int, lr: float, dtype: torch.dtype
+    student: Any,
+    teacher: Any,
+    ids: torch.Tensor,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    dtype: torch.dtype,
+    vocab_rows: torch.Tensor | None = None,
 ) -> None:
     """``steps`` steps of forward-KL distillation (T = 1, alpha 0.5) of ``student`` from ``teacher`` on rows of
-    ``ids``, cycled: the short retraining by which candidate shapes are compared."""
+    ``ids`` (the teacher's token ids), cycled: the short retraining by which candidate shapes are compared. A
+    trimmed student (``vocab_rows``: the teacher ids it keeps) reads its own ids and learns the teacher's
+    distribution over the kept rows, renormalised."""
     from edgedistill.distill.heads import SupervisedLogits, autocast, teacher_signal
     from edgedistill.distill.losses import chunked_distillation_loss
 
     head, teacher_head = SupervisedLogits(student), SupervisedLogits(teacher).eval()
+    mapper = None
+    if vocab_rows is not None:
+        from edgedistill.distill.vocab import TeacherMapper, VocabMap
+
+        vocab_map = VocabMap(vocab_rows.cpu().numpy(), teacher.config.vocab_size, "renorm")
+        mapper = TeacherMapper(vocab_map, ids.device)
     optimizer = torch.optim.AdamW(student.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     student.train()
     for step in range(steps):
         start = (step * batch_size) % ids.shape[0]
         rows = ids[start : start + batch_size]
+        signal = teacher_signal(teacher_head, rows[:, :-1], torch.arange(rows[:, 1:].numel()))
+        if mapper is not None:
+            rows = mapper.to_student[rows]
+            signal = mapper.signal(signal)
         inputs, labels = rows[:, :-1], rows[:, 1:].reshape(-1)
         positions = torch.arange(labels.numel())
-        signal = teacher_signal(teacher_head, inputs, positions)
         with autocast(inputs.device, dtype):
             hidden = head.hidden(inputs, positions)
         low = None if dtype == torch.float32 else dtype
@@ -509,16 +542,28 @@ def derive(
     dtype: torch.dtype = torch.float32,
     shape: StudentShape | None = None,
     log: Any = None,
+    vocab_rows: torch.Tensor | None = None,
 ) -> Derivation:
     """Prune ``source_model`` to about ``target`` parameters (or exactly to ``shape``).
 
     ``calibration`` rows measure importance; ``probe`` rows (other rows of the training data) score candidates:
     their loss zero-shot, then after ``probe_steps`` of distillation from ``teacher`` (the source when None) for
-    the ``probe_top`` best. The best probe score wins.
+    the ``probe_top`` best. The best probe score wins. Both are in the source's token ids. ``vocab_rows``: the
+    source's embedding rows a trimmed student keeps (its ids are their positions; the parameter target counts only
+    them, so the rows saved go into the layers); the probes' teacher is then cut to the same rows.
     """
     started = time.perf_counter()
     source = teacher_shape(source_model.config)
-    vocab, tied = source_model.config.vocab_size, bool(source_model.config.tie_word_embeddings)
+    tied = bool(source_model.config.tie_word_embeddings)
+    vocab = source_model.config.vocab_size if vocab_rows is None else len(vocab_rows)
+    rows = None if vocab_rows is None else [int(i) for i in vocab_rows]
+    student_probe = probe
+    if vocab_rows is not None:  # the candidates read the probe rows in their own ids
+        to_student = torch.full((source_model.config.vocab_size,), -1, dtype=torch.long, device=probe.device)
+        to_student[vocab_rows.to(probe.device)] = torch.arange(len(vocab_rows), device=probe.device)
+        student_probe = to_student[probe]
+        if bool((student_probe < 0).any()):
+            raise EdgeDistillError("prune: the probe rows use tokens the trimmed vocabulary dropped")
     importance = measure_importance(source_model, calibration, settings.batch_size, settings.layer_metric)
     importance_seconds = time.perf_counter() - started
     if shape is not None:
@@ -536,10 +581,10 @@ def derive(
     candidates = []
     for candidate_shape in shapes:
         begun = time.perf_counter()
-        plan = make_plan(importance, source, candidate_shape, settings.layer_metric, settings.rescale_norms)
+        plan = make_plan(importance, source, candidate_shape, settings.layer_metric, settings.rescale_norms, rows)
         model = slice_model(source_model, plan)
         candidate = Candidate(candidate_shape, sum(p.numel() for p in model.parameters()))
-        candidate.zero_shot_loss = _calibration_loss(model, probe, settings.batch_size)
+        candidate.zero_shot_loss = _calibration_loss(model, student_probe, settings.batch_size)
         candidate.seconds = time.perf_counter() - begun
         candidates.append(candidate)
         if log:
@@ -548,7 +593,7 @@ def derive(
     if settings.probe_steps and len(ranked) > 1:
         for candidate in probe_set(candidates, settings.probe_top):
             begun = time.perf_counter()
-            plan = make_plan(importance, source, candidate.shape, settings.layer_metric, settings.rescale_norms)
+            plan = make_plan(importance, source, candidate.shape, settings.layer_metric, settings.rescale_norms, rows)
             model = slice_model(source_model, plan)
             probe_distill(
                 model,
@@ -558,15 +603,16 @@ def derive(
                 settings.batch_size,
                 settings.probe_lr,
                 dtype,
+                vocab_rows,
             )
-            candidate.probe_loss = _calibration_loss(model, probe, settings.batch_size)
+            candidate.probe_loss = _calibration_loss(model, student_probe, settings.batch_size)
             candidate.seconds += time.perf_counter() - begun
             if log:
                 log(f"prune: probe {_describe(candidate.shape)}: loss {candidate.probe_loss:.3f}")
         best = min((c for c in candidates if c.probe_loss is not None), key=lambda c: c.probe_loss)
     else:
         best = ranked[0]
-    plan = make_plan(importance, source, best.shape, settings.layer_metric, settings.rescale_norms)
+    plan = make_plan(importance, source, best.shape, settings.layer_metric, settings.rescale_norms, rows)
     student = slice_model(source_model, plan)
     record = {
         "source": {"shape": shape_dict(source), "parameters": parameter_count(source, vocab, tied)},
@@ -604,7 +650,7 @@ def calibration_rows(ids: torch.Tensor, calibration: int, probe: int) -> tuple[t
     return ids[picked[keep]], ids[probe_rows]
 
 
-def save_derived(out: Any, derivation: Derivation, tokenizer: Any) -> None:
+def save_derived(out: Any, derivation: Derivation, tokenizer: Any, vocab_map: Any = None) -> None:
     """``out``: the derived student as a Hugging Face checkpoint (:func:`~edgedistill.distill.checkpoint.save_final`)
     plus ``prune.json``, written last: its presence marks a complete derivation."""
     import json
@@ -615,7 +661,7 @@ def save_derived(out: Any, derivation: Derivation, tokenizer: Any) -> None:
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    save_final(out, derivation.student, tokenizer)
+    save_final(out, derivation.student, tokenizer, vocab_map)
     atomic_write_text(out / PRUNE_RECORD, json.dumps(derivation.record, indent=2) + "\n")
 
 
@@ -657,15 +703,26 @@ def run_prune(config: Any, log: Any = print) -> dict[str, Any]:
     reference_config = teachers.load_config(reference)
     target = target_parameters(config.student, teacher_parameter_count(reference_config))
     shape = None if target is not None else resolve_shape(config.student, reference_config)
-    train, _, _ = load_data(config.data, tokenizer, config.seq_len, config.val_fraction, 1.0, config.skip_bad_lines)
+    train, _, stats = load_data(config.data, tokenizer, config.seq_len, config.val_fraction, 1.0, config.skip_bad_lines)
+    vocab_map, student_tokenizer = _prune_vocabulary(config, source, tokenizer, stats.token_counts)
     ids = torch.from_numpy(train.ids).long()
+    vocab_rows = None
+    if vocab_map is not None:  # the student's tokens, in the ids of the model being cut
+        train, _, _ = load_data(
+            config.data, student_tokenizer, config.seq_len, config.val_fraction, 1.0, config.skip_bad_lines
+        )
+        ids = torch.from_numpy(train.ids).long()
+        if source.kind != "hf" or VocabMap.load(source.path) is None:  # cut from a full-vocabulary model
+            vocab_rows = torch.from_numpy(vocab_map.teacher_ids)
+            ids = vocab_rows[ids]
     calibration, probe = calibration_rows(ids, config.calibration, config.probe_rows)
     with claim(Path(config.out), "out") as out:
         model = teachers.load_model(source, torch.float32, str(device))
         teacher = None
-        if reference is not source and config.probe_steps:
+        # a trimmed source (a chain) is probed against itself: it speaks the student's vocabulary, the teacher not
+        if reference is not source and config.probe_steps and not (vocab_map is not None and vocab_rows is None):
             teacher = teachers.load_model(reference, resolve_dtype("auto", device), str(device))
-        if source.kind == "hf":
+        if source.kind == "hf" and vocab_rows is None and vocab_map is None:
             _check_same_vocabulary(model, tokenizer, source)
         settings = PruneSettings(
             layer_metric=config.layer_metric,
@@ -686,8 +743,10 @@ def run_prune(config: Any, log: Any = print) -> dict[str, Any]:
             dtype=resolve_dtype("auto", device),
             shape=shape,
             log=log,
+            vocab_rows=vocab_rows,
         )
         derivation.record.update(
+            vocab=None if vocab_map is None else {"size": vocab_map.size, "teacher_size": vocab_map.teacher_size},
             source=dict(derivation.record["source"], spec=config.source, sha256=source.fingerprint()),
             teacher=config.teacher or config.source,
             student=config.student,
@@ -697,8 +756,26 @@ def run_prune(config: Any, log: Any = print) -> dict[str, Any]:
         )
         del model, teacher
         release_free_memory()
-        save_derived(out, derivation, tokenizer)
+        save_derived(out, derivation, student_tokenizer, vocab_map)
     return derivation.record
+
+
+def _prune_vocabulary(config: Any, source: Any, tokenizer: Any, counts: Any) -> tuple[Any, Any]:
+    """(VocabMap or None, the student's tokenizer): a trimmed source's own vocabulary (a chain keeps it), else
+    ``--vocab`` trimmed on the data's token counts, else the teacher's."""
+    from edgedistill.distill.config import parse_vocab
+    from edgedistill.distill.student import load_student_checkpoint
+    from edgedistill.distill.vocab import choose_vocab, trim_tokenizer
+
+    if source.kind == "hf":
+        own = VocabMap.load(source.path)
+        if own is not None:
+            return own, load_student_checkpoint(source.path, weights=False)[1]
+    size = parse_vocab(config.vocab)
+    if size is None:
+        return None, tokenizer
+    student_tokenizer, vocab_map = trim_tokenizer(tokenizer, choose_vocab(tokenizer, counts, size))
+    return vocab_map, student_tokenizer
 
 
 def _check_same_vocabulary(model: Any, tokenizer: Any, source: Any) -> None:

@@ -26,13 +26,15 @@ def teacher_parameter_count(config: Any) -> int:
     return count
 
 
-def resolve_shape(spec: str, teacher_config: Any) -> StudentShape:
-    """``--student``: a preset name (sized against the teacher) or a ``.json``/``.toml`` shape file."""
+def resolve_shape(spec: str, teacher_config: Any, vocab_size: int | None = None) -> StudentShape:
+    """``--student``: a preset name (sized against the teacher) or a ``.json``/``.toml`` shape file. A preset's
+    parameter target is its share of the teacher's whatever the student's vocabulary (``vocab_size``: a trimmed
+    one's rows; default the teacher's): rows a trimmed vocabulary saves go into the layers."""
     if spec in STUDENT_PRESETS:
         return solve_preset_shape(
             spec,
             teacher_params=teacher_parameter_count(teacher_config),
-            vocab_size=teacher_config.vocab_size,
+            vocab_size=vocab_size or teacher_config.vocab_size,
             teacher_hidden=teacher_config.hidden_size,
             teacher_layers=teacher_config.num_hidden_layers,
             teacher_heads=teacher_config.num_attention_heads,
@@ -47,13 +49,14 @@ def resolve_shape(spec: str, teacher_config: Any) -> StudentShape:
     )
 
 
-def build_student(shape: StudentShape, teacher_config: Any, tokenizer: Any) -> Any:
-    """A randomly initialised ``LlamaForCausalLM`` with tied embeddings and the teacher's vocabulary rows, RoPE,
-    norm epsilon and context length, so that it loads with ``AutoModelForCausalLM`` and no remote code."""
+def build_student(shape: StudentShape, teacher_config: Any, tokenizer: Any, vocab_size: int | None = None) -> Any:
+    """A randomly initialised ``LlamaForCausalLM`` with tied embeddings and the teacher's vocabulary rows (or
+    ``vocab_size`` rows, a trimmed vocabulary's; ``tokenizer`` is then the student's), RoPE, norm epsilon and
+    context length, so that it loads with ``AutoModelForCausalLM`` and no remote code."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        vocab_size=teacher_config.vocab_size,
+        vocab_size=vocab_size or teacher_config.vocab_size,
         hidden_size=shape.hidden_size,
         intermediate_size=shape.intermediate_size,
         num_hidden_layers=shape.num_hidden_layers,
@@ -81,18 +84,21 @@ def freeze_embeddings(student: Any) -> None:
             module.weight.requires_grad_(False)
 
 
-def load_student_checkpoint(path: Path) -> tuple[Any, Any]:
-    """An existing student checkpoint directory (to distil further) and its tokenizer."""
+def load_student_checkpoint(path: Path, weights: bool = True) -> tuple[Any, Any]:
+    """An existing student checkpoint directory (to distil further) and its tokenizer (the model None without
+    ``weights``)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
-        return AutoModelForCausalLM.from_pretrained(str(path)), AutoTokenizer.from_pretrained(str(path))
+        model = AutoModelForCausalLM.from_pretrained(str(path)) if weights else None
+        return model, AutoTokenizer.from_pretrained(str(path))
     except Exception as err:
         raise EdgeDistillError(f"{path}: cannot load the student checkpoint ({type(err).__name__}: {err})") from None
 
 
-def init_from_teacher(student: Any, teacher: Any) -> list[int]:
-    """Copy the teacher's embeddings, final norm and every k-th layer into the student; returns the layers copied.
+def init_from_teacher(student: Any, teacher: Any, rows: Any = None) -> list[int]:
+    """Copy the teacher's embeddings (its ``rows``, a trimmed vocabulary's teacher ids, or the first rows), final
+    norm and every k-th layer into the student; returns the layers copied.
 
     Needs equal widths (hidden, heads, KV heads, FFN): a narrower student has no place for the teacher's weights.
     """
@@ -107,7 +113,8 @@ def init_from_teacher(student: Any, teacher: Any) -> list[int]:
         raise EdgeDistillError(f"init: --init teacher needs a Llama teacher, got model_type '{t.model_type}'")
     stride = max(1, t.num_hidden_layers // s.num_hidden_layers)
     copied = [i * stride for i in range(s.num_hidden_layers)]
-    student.model.embed_tokens.weight.data.copy_(teacher.model.embed_tokens.weight.data[: s.vocab_size])
+    embedding = teacher.model.embed_tokens.weight.data
+    student.model.embed_tokens.weight.data.copy_(embedding[: s.vocab_size] if rows is None else embedding[rows])
     student.model.norm.load_state_dict(teacher.model.norm.state_dict())
     for student_layer, teacher_index in zip(student.model.layers, copied):
         student_layer.load_state_dict(teacher.model.layers[teacher_index].state_dict())
@@ -131,18 +138,31 @@ class VocabAudit:
         return max(self.teacher_rows, self.student_rows) - self.tokenizer_size
 
 
-def audit_vocab(tokenizer: Any, teacher_rows: int, student_rows: int, student_tokenizer: Any = None) -> VocabAudit:
+def audit_vocab(
+    tokenizer: Any, teacher_rows: int, student_rows: int, student_tokenizer: Any = None, vocab_map: Any = None
+) -> VocabAudit:
     """Check that teacher and student speak the same vocabulary before any training.
 
     Rows beyond the tokenizer's size (Qwen2.5 pads 151,665 tokens to 152,064 rows) carry no token: both models'
     logits are cut to the rows they share, which must cover the tokenizer. A student with its own tokenizer must
-    map every token string to the same id as the teacher's.
+    map every token string to the same id as the teacher's, or, with a trimmed vocabulary (``vocab_map``, a
+    :class:`~edgedistill.distill.vocab.VocabMap`), to the teacher id its map names.
     """
     size = len(tokenizer)
     if teacher_rows < size:
         raise EdgeDistillError(
             f"vocabulary: the teacher's tokenizer has {size} tokens but its model only {teacher_rows} rows"
         )
+    if vocab_map is not None:
+        from edgedistill.distill.vocab import check_map
+
+        check_map(tokenizer, student_tokenizer, vocab_map)
+        if student_rows < vocab_map.size:
+            raise EdgeDistillError(
+                f"vocabulary mismatch: the student has {student_rows} output rows, its trimmed tokenizer "
+                f"{vocab_map.size} tokens"
+            )
+        return VocabAudit(vocab_map.size, teacher_rows, student_rows)
     if student_rows < size:
         raise EdgeDistillError(
             f"vocabulary mismatch: the student has {student_rows} output rows, the teacher's tokenizer {size} tokens"

@@ -232,17 +232,26 @@ def _check_weights(model: Any) -> None:
 TeacherFor = Callable[[str, Any, Any, Any], "dict[str, Any] | None"]
 
 
-def online_teacher(teacher: Any) -> TeacherFor:
-    """The live teacher as a provider of the objective's teacher signal (hidden states + head weight)."""
+def online_teacher(teacher: Any, mapper: Any = None) -> TeacherFor:
+    """The live teacher as a provider of the objective's teacher signal (hidden states + head weight); with a
+    trimmed student's ``mapper`` (:class:`~edgedistill.distill.vocab.TeacherMapper`) it reads the teacher's ids of
+    the student's inputs and gives its head's kept rows."""
     from edgedistill.distill.heads import SupervisedLogits, teacher_signal
 
     head = SupervisedLogits(teacher).eval() if teacher is not None else None
-    return lambda split, rows, inputs, positions: teacher_signal(head, inputs, positions)
+    if mapper is None:
+        return lambda split, rows, inputs, positions: teacher_signal(head, inputs, positions)
+    return lambda split, rows, inputs, positions: mapper.signal(
+        teacher_signal(head, mapper.teacher_inputs(inputs), positions)
+    )
 
 
-def cached_teacher(cache: Any) -> TeacherFor:
-    """A :class:`~edgedistill.distill.cache.TeacherCache` as a provider of the objective's teacher signal."""
-    return lambda split, rows, inputs, positions: cache.signal(split, rows, positions)
+def cached_teacher(cache: Any, mapper: Any = None) -> TeacherFor:
+    """A :class:`~edgedistill.distill.cache.TeacherCache` as a provider of the objective's teacher signal (mapped
+    into a trimmed student's vocabulary by ``mapper``)."""
+    if mapper is None:
+        return lambda split, rows, inputs, positions: cache.signal(split, rows, positions)
+    return lambda split, rows, inputs, positions: mapper.signal(cache.signal(split, rows, positions))
 
 
 def evaluate(
@@ -376,6 +385,8 @@ class _Run:
     scheduler: Any
     resumed_step: int | None  # the step of the checkpoint this run resumed from; None: a fresh run
     outside: PackedData | None = None  # --eval-data, loaded before training (rank 0) so a bad file fails early
+    vocab_map: Any = None  # a trimmed student's VocabMap (``tokenizer`` is then the student's); None: the teacher's
+    mapper: Any = None  # its TeacherMapper on the device
 
     @property
     def start_step(self) -> int:
@@ -410,13 +421,18 @@ def _setup(config: TrainConfig, dist: _Distributed, out: Path) -> _Run:
         print(f"skipped {stats.bad_lines} malformed line(s); first: {stats.bad_examples[0]}")
     if cache is not None:
         cache.check_run(config.seq_len, ids_sha256(train_data.ids, heldout.ids), tokenizer_sha256(tokenizer))
+    vocab_map, student_tokenizer = _student_vocabulary(config, tokenizer, stats)
+    if vocab_map is not None:
+        train_data, heldout, stats = _student_data(
+            config, vocab_map, student_tokenizer, cache, train_data, heldout, stats
+        )
     outside = None
-    if config.eval_data and dist.is_main:
-        outside = load_eval_data(config.eval_data, tokenizer, config.seq_len, config.eval_tokens)
+    if config.eval_data and dist.is_main:  # a trimmed student reads it with its own tokenizer (more tokens, exact)
+        outside = load_eval_data(config.eval_data, student_tokenizer, config.seq_len, config.eval_tokens)
     if config.init == "prune":
         source = _pruning_source(config, source, teacher_info)
-    student, audit = _make_student(config, teacher_config, tokenizer)
-    student, teacher = _training_teacher(config, source, student, device, train_data, out, dist.is_main)
+    student, audit = _make_student(config, teacher_config, tokenizer, student_tokenizer, vocab_map)
+    student, teacher = _training_teacher(config, source, student, device, train_data, out, dist.is_main, vocab_map)
     if config.init == "prune" and cache is not None:
         source = None  # the cache stands in for the teacher from here on
     student.to(device).train()
@@ -430,10 +446,15 @@ def _setup(config: TrainConfig, dist: _Distributed, out: Path) -> _Run:
         from torch.nn.parallel import DistributedDataParallel
 
         objective = DistributedDataParallel(objective, device_ids=[device] if device.type == "cuda" else None)
+    mapper = None
+    if vocab_map is not None:
+        from edgedistill.distill.vocab import TeacherMapper
+
+        mapper = TeacherMapper(vocab_map, device)
     if cache is not None:
-        teacher_for: TeacherFor | None = cached_teacher(cache) if config.alpha < 1.0 else None
+        teacher_for: TeacherFor | None = cached_teacher(cache, mapper) if config.alpha < 1.0 else None
     else:
-        teacher_for = online_teacher(teacher) if teacher is not None else None
+        teacher_for = online_teacher(teacher, mapper) if teacher is not None else None
 
     optimizer, scheduler = make_optimizer(student, config)
     resumed_step = _restore(out, config, stats.sha256, student, optimizer, scheduler, dist.is_main)
@@ -443,7 +464,7 @@ def _setup(config: TrainConfig, dist: _Distributed, out: Path) -> _Run:
         device=device,
         source=source,
         cache=cache,
-        tokenizer=tokenizer,
+        tokenizer=student_tokenizer,
         teacher_info=teacher_info,
         student=student,
         student_params=student_params,
@@ -457,6 +478,8 @@ def _setup(config: TrainConfig, dist: _Distributed, out: Path) -> _Run:
         scheduler=scheduler,
         resumed_step=resumed_step,
         outside=outside,
+        vocab_map=vocab_map,
+        mapper=mapper,
     )
 
 
@@ -509,17 +532,78 @@ def _pruning_source(
     return pruned
 
 
-def _make_student(config: TrainConfig, teacher_config: Any, tokenizer: Any) -> tuple[Any, VocabAudit]:
+def _student_vocabulary(config: TrainConfig, tokenizer: Any, stats: DataStats) -> tuple[Any, Any]:
+    """(VocabMap or None, the student's tokenizer): a checkpoint student's own (its ``vocab_map.json``), else
+    ``--vocab`` trimmed on the data's token counts, else the teacher's (None, ``tokenizer``)."""
+    from edgedistill.distill.config import parse_vocab
+    from edgedistill.distill.vocab import VocabMap, choose_vocab, trim_tokenizer
+
+    if Path(config.student).is_dir():
+        vocab_map = VocabMap.load(Path(config.student))
+        if vocab_map is None:
+            return None, tokenizer
+        _, student_tokenizer = load_student_checkpoint(Path(config.student), weights=False)
+        return vocab_map.with_mode(config.vocab_kd), student_tokenizer
+    size = parse_vocab(config.vocab)
+    if size is None:
+        return None, tokenizer
+    student_tokenizer, vocab_map = trim_tokenizer(tokenizer, choose_vocab(tokenizer, stats.token_counts, size))
+    return vocab_map.with_mode(config.vocab_kd), student_tokenizer
+
+
+def _student_data(
+    config: TrainConfig,
+    vocab_map: Any,
+    student_tokenizer: Any,
+    cache: Any,
+    train_data: PackedData,
+    heldout: PackedData,
+    stats: DataStats,
+) -> tuple[PackedData, PackedData, DataStats]:
+    """The data in the student's ids: the teacher's tokens mapped where the student kept every one (``auto`` on
+    these data: identical tokenization), else the data tokenized again by the student's tokenizer, which a teacher
+    cache (positions of the teacher's tokens) cannot serve."""
+    try:
+        return (
+            PackedData(vocab_map.student_ids(train_data.ids, "the training data"), train_data.weights),
+            PackedData(vocab_map.student_ids(heldout.ids, "the held-out data"), heldout.weights),
+            stats,
+        )
+    except EdgeDistillError as err:
+        if cache is not None:
+            raise EdgeDistillError(
+                f"{err}; a student that tokenizes the data differently cannot use a teacher cache: trim with "
+                "--vocab auto, or run the teacher online"
+            ) from None
+    return load_data(
+        config.data,
+        student_tokenizer,
+        config.seq_len,
+        config.val_fraction,
+        config.tag_weight,
+        config.skip_bad_lines,
+        config.train_tokens,
+        config.heldout_tokens,
+    )
+
+
+def _make_student(
+    config: TrainConfig, teacher_config: Any, tokenizer: Any, student_tokenizer: Any, vocab_map: Any
+) -> tuple[Any, VocabAudit]:
     """The student (a checkpoint directory, or built to a preset or shape file) and its vocabulary audit. With
     ``--init prune`` this is a stand-in of the teacher's shape until :func:`_training_teacher` derives it."""
-    student_tokenizer = None
+    rows = vocab_map.size if vocab_map is not None else teacher_config.vocab_size
     if config.init == "prune":
-        return None, audit_vocab(tokenizer, teacher_config.vocab_size, teacher_config.vocab_size)
+        return None, audit_vocab(tokenizer, teacher_config.vocab_size, rows, student_tokenizer, vocab_map)
+    own_tokenizer = None
     if Path(config.student).is_dir():
-        student, student_tokenizer = load_student_checkpoint(Path(config.student))
+        student, own_tokenizer = load_student_checkpoint(Path(config.student))
     else:
-        student = build_student(resolve_shape(config.student, teacher_config), teacher_config, tokenizer)
-    audit = audit_vocab(tokenizer, teacher_config.vocab_size, student.config.vocab_size, student_tokenizer)
+        shape = resolve_shape(config.student, teacher_config, rows)
+        student = build_student(shape, teacher_config, student_tokenizer, rows)
+    if vocab_map is not None:
+        own_tokenizer = student_tokenizer
+    audit = audit_vocab(tokenizer, teacher_config.vocab_size, student.config.vocab_size, own_tokenizer, vocab_map)
     return student, audit
 
 
@@ -531,6 +615,7 @@ def _training_teacher(
     train_data: PackedData,
     out: Path,
     is_main: bool,
+    vocab_map: Any = None,
 ) -> tuple[Any, Any]:
     """(student, the teacher model the loop runs or None). None: a cache run (``source`` None), or CE only
     (alpha 1), where no teacher is in memory while training (the final evaluation loads it). ``--init teacher``
@@ -544,28 +629,42 @@ def _training_teacher(
     if config.init in ("teacher", "prune"):
         teacher = teachers.load_model(source, torch.float32, device)
         if config.init == "teacher":
-            init_from_teacher(student, teacher)
+            init_from_teacher(student, teacher, None if vocab_map is None else vocab_map.teacher_ids)
         else:
-            student = _derive(config, teacher, train_data, device, out, is_main)
+            student = _derive(config, teacher, train_data, device, out, is_main, vocab_map)
         return student, teacher.to(resolve_dtype(config.teacher_dtype, device)) if needs_teacher else None
     if needs_teacher:
         return student, teachers.load_model(source, resolve_dtype(config.teacher_dtype, device), device)
     return student, None
 
 
-def _derive(config: TrainConfig, teacher: Any, train_data: PackedData, device: Any, out: Path, is_main: bool) -> Any:
+def _derive(
+    config: TrainConfig,
+    teacher: Any,
+    train_data: PackedData,
+    device: Any,
+    out: Path,
+    is_main: bool,
+    vocab_map: Any = None,
+) -> Any:
     """``--init prune``: the student cut from ``teacher`` to ``--student`` (preset or shape file) on calibration
-    rows of the training data, its candidates and scores written to ``OUT/prune.json`` (rank 0)."""
+    rows of the training data, its candidates and scores written to ``OUT/prune.json`` (rank 0). A trimmed
+    student keeps the embedding rows of its vocabulary (``vocab_map``); the data are then in its ids."""
     import torch
 
     from edgedistill.distill import prune
     from edgedistill.distill.heads import resolve_dtype
 
     ids = torch.from_numpy(train_data.ids).long()
+    rows = None
+    if vocab_map is not None:  # the teacher reads its own ids
+        rows = torch.from_numpy(vocab_map.teacher_ids)
+        ids = rows[ids]
     calibration, probe = prune.calibration_rows(ids, prune.CALIBRATION_ROWS, prune.PROBE_ROWS)
     reference = sum(p.numel() for p in teacher.parameters())
     target = prune.target_parameters(config.student, reference)
-    shape = None if target is not None else resolve_shape(config.student, teacher.config)
+    vocab_size = len(rows) if rows is not None else None
+    shape = None if target is not None else resolve_shape(config.student, teacher.config, vocab_size)
     record = out / prune.PRUNE_RECORD
     if config.resume and record.is_file():  # the shape chosen before the interruption: no second search
         try:
@@ -581,6 +680,7 @@ def _derive(config: TrainConfig, teacher: Any, train_data: PackedData, device: A
         dtype=resolve_dtype(config.precision, device),
         shape=shape,
         log=print if is_main else None,
+        vocab_rows=rows,
     )
     if is_main:
         atomic_write_text(record, json.dumps(derivation.record, indent=2) + "\n")
@@ -720,7 +820,7 @@ def _save(
     if run.outside is not None:  # text outside the training data: the student alone (a cache holds no teacher)
         outside = evaluate(run.student, None, run.outside, config.batch_size, run.device, 0, byte_lengths)
         outside["files"] = list(config.eval_data)
-    save_final(run.out, run.student, run.tokenizer)
+    save_final(run.out, run.student, run.tokenizer, run.vocab_map)
     (run.out / CHECKPOINT).unlink(missing_ok=True)  # the run is complete: the final checkpoint replaces it
     summary = _summary(run, config, dist.world_size, final_metrics, train_seconds, result, outside)
     atomic_write_text(run.out / SUMMARY, json.dumps(summary, indent=2) + "\n")
@@ -732,13 +832,13 @@ def _evaluation_teacher(run: _Run, config: TrainConfig) -> TeacherFor:
     """The teacher signal the held-out evaluation compares with: the cache, the loop's teacher, or, after CE-only
     training, the teacher loaded now."""
     if run.cache is not None:
-        return cached_teacher(run.cache)
+        return cached_teacher(run.cache, run.mapper)
     if run.teacher_for is not None:
         return run.teacher_for
     from edgedistill.distill.heads import resolve_dtype
 
     dtype = resolve_dtype(config.teacher_dtype, run.device)
-    return online_teacher(teachers.load_model(run.source, dtype, run.device))
+    return online_teacher(teachers.load_model(run.source, dtype, run.device), run.mapper)
 
 
 def _summary(
@@ -764,7 +864,13 @@ def _summary(
             "init": config.init,
             "derived": _derivation(run.out, config),
         },
-        "vocab": {"tokenizer_size": run.audit.tokenizer_size, "shared_rows": run.audit.shared_rows},
+        "vocab": {
+            "tokenizer_size": run.audit.tokenizer_size,
+            "shared_rows": run.audit.shared_rows,
+            "trimmed": None
+            if run.vocab_map is None
+            else {"size": run.vocab_map.size, "teacher_size": run.vocab_map.teacher_size, "kd": run.vocab_map.mode},
+        },
         "data": {
             "files": stats.files,
             "records": stats.records,

@@ -8,6 +8,11 @@ import json
 from typing import Any
 
 
+def byte_level_alphabet() -> list[str]:
+    """The 256 characters of GPT-2's byte-level alphabet: the base tokens of every byte-level BPE vocabulary."""
+    return list(_byte_level_table())
+
+
 @functools.lru_cache(maxsize=1)
 def _byte_level_table() -> dict[str, int]:
     """GPT-2's byte-level alphabet: the printable character that stands for each byte, inverted."""

@@ -55,6 +55,10 @@ class DistillSettings:
     )
     init: str = setting("prune", "prune: derive each student from the teacher (and random twins); random: no pruning")
     chain: bool = setting(True, "derive each later student from the one before it, distilled (teacher-assistant chain)")
+    # README "A vocabulary cut to the student's size": measured on tiny and nano at the demo budget
+    vocab: str = setting(
+        "auto", "each student's vocabulary: auto (the tokens the data use, closed under merges), N, or full"
+    )
     steps: int = setting(32, "optimizer steps per student run")
     batch_size: int = setting(8, "sequences per step")
     alpha: float = setting(0.5, "the distilled runs' CE weight (their twins use 1: CE only)")
@@ -77,6 +81,9 @@ class DistillSettings:
             raise EdgeDistillError("students: expected at least one student preset or shape file")
         if self.init not in INITS:
             raise EdgeDistillError(f"init: expected one of {', '.join(INITS)}, got {self.init!r}")
+        from edgedistill.distill.config import parse_vocab
+
+        parse_vocab(self.vocab)
         check_positive(self, "steps", "batch_size", "calibration", "candidates")
         for name in ("lr", "random_lr"):
             if not 0 < getattr(self, name) <= 1:
@@ -236,6 +243,7 @@ def _derive(settings: DistillSettings, upstream: Upstream, student: str, source:
                 calibration=settings.calibration,
                 candidates=settings.candidates,
                 probe_steps=settings.probe_steps,
+                vocab=settings.vocab,
                 seed=settings.seed,
                 device=upstream.run.device,
                 threads=upstream.run.threads,
@@ -262,6 +270,7 @@ def _train_config(
         teacher=data.teacher,
         teacher_cache=str(cache_dir(upstream.layout)) if data.top_k else "",
         student=init or student,
+        vocab=settings.vocab,  # a derived student keeps its checkpoint's vocabulary; a random twin is trimmed alike
         data=list(data.data),
         alpha=settings.alpha if RUNS[kind][0] else 1.0,
         temperature=settings.temperature,
@@ -285,10 +294,11 @@ def _train_config(
 # ------------------------------------------------------------------------------------------------ report part
 def _training_sentence(settings: DistillSettings, data: TeacherSettings) -> str:
     teacher = ", from a top-" + str(data.top_k) + " teacher cache" if data.top_k else ", teacher online"
+    sources = ", ".join(data.data) or "the embedded corpus and the teacher's chat answers"
     budget = f"{settings.steps} steps of {settings.batch_size} x {data.seq_len} tokens (seed {settings.seed})"
     if settings.init == "random":
         return (
-            f"Teacher: `{data.teacher}`; data: {', '.join(data.data) or 'the embedded corpus'}; students: "
+            f"Teacher: `{data.teacher}`; data: {sources}; students: "
             f"{', '.join(settings.students)}, randomly initialised, each trained {budget} twice: distilled (alpha "
             f"{settings.alpha}, T {settings.temperature}{teacher}) and CE only (alpha 1)."
         )
@@ -299,9 +309,13 @@ def _training_sentence(settings: DistillSettings, data: TeacherSettings) -> str:
     )
     probe = f"{settings.probe_steps} distillation steps each" if settings.probe_steps else "zero-shot loss"
     frozen = " (the derived runs with the teacher's embedding and LM head frozen)" if settings.freeze_embeddings else ""
+    vocab = {
+        "full": "the teacher's full vocabulary",
+        "auto": "a vocabulary trimmed to the tokens the data use (closed under merges; the data tokenize identically)",
+    }.get(settings.vocab, f"a vocabulary trimmed to the {settings.vocab} most frequent tokens of the data")
     return (
-        f"Teacher: `{data.teacher}`; data: {', '.join(data.data) or 'the embedded corpus'}; students: "
-        f"{', '.join(settings.students)}, each derived by structured pruning ({chain}; importance on "
+        f"Teacher: `{data.teacher}`; data: {sources}; students: "
+        f"{', '.join(settings.students)}, each with {vocab}, derived by structured pruning ({chain}; importance on "
         f"{settings.calibration} training sequences, {settings.candidates} candidate shapes ranked by {probe}), then "
         f"trained {budget} three ways{frozen}: derived + distilled (alpha {settings.alpha}, T "
         f"{settings.temperature}{teacher}, peak lr {settings.lr:g}), derived + CE only (alpha 1, the seed's "

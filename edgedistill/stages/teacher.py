@@ -38,7 +38,7 @@ class TeacherSettings:
     """The teacher and the data: what every student is trained and measured on."""
 
     teacher: str = setting("smollm2-135m", "a checkpoint directory, a .gguf file, or smollm2-135m (default)")
-    data: list[str] = setting(factory=list, help="training data files (default: the embedded corpus)")
+    data: list[str] = setting(factory=list, help="training data files (default: the embedded corpus and chat answers)")
     seq_len: int = setting(256, "tokens per packed sequence")
     top_k: int = setting(64, "teacher cache width; 0 runs the teacher online in every distilled run")
     # The default budget (README: the pipeline in under 20 minutes on 2 cores) is steps x batch_size x seq_len =
