@@ -283,8 +283,8 @@ class TeacherMapper:
         if "teacher_logits" in signal:
             return dict(signal, teacher_logits=signal["teacher_logits"].index_select(-1, self.to_teacher))
         weight = signal["teacher_head_weight"]
-        if self._head is None or self._head[0] is not weight:  # the teacher's kept rows, cut once
-            self._head = (weight, weight.index_select(0, self.to_teacher))
+        if self._head is None or self._head[0] is not weight:  # the teacher's kept rows, cut once, without a graph
+            self._head = (weight, weight.detach().index_select(0, self.to_teacher))
         return dict(signal, teacher_head_weight=self._head[1])
 
 
@@ -305,11 +305,14 @@ def map_sparse(signal: dict[str, Any], to_student: Any, mode: str) -> dict[str, 
     if mode == "tail":
         dropped = torch.where(valid, minus_inf, logprobs).logsumexp(-1)
         tail = torch.logaddexp(tail, dropped)
-    # a padding id per row: the first of K + 1 candidate ids that no valid slot holds (K slots cannot hold them all)
+    # distinct padding ids (a scatter's backward counts a repeated index once per slot): the j-th padding slot of
+    # a row takes the j-th of 2K candidate ids that no valid slot of the row holds (K valid slots leave K free)
     k = ids.shape[-1]
-    candidates = torch.arange(k + 1, device=ids.device)
-    taken = ((mapped.unsqueeze(-1) == candidates) & valid.unsqueeze(-1)).any(1)  # [N, K + 1]
-    pad = (~taken).to(torch.int8).argmax(-1, keepdim=True)
+    candidates = torch.arange(2 * k, device=ids.device)
+    taken = ((mapped.unsqueeze(-1) == candidates) & valid.unsqueeze(-1)).any(1)  # [N, 2K]
+    free_rank = (~taken).to(torch.int64).cumsum(-1)  # [N, 2K], non-decreasing
+    pad_rank = (~valid).to(torch.int64).cumsum(-1).clamp(min=1)  # [N, K]: 1 for the first padding slot, ...
+    pad = torch.searchsorted(free_rank, pad_rank)  # the first candidate whose free count reaches that rank
     return dict(
         signal,
         teacher_ids=torch.where(valid, mapped, pad),
