@@ -144,7 +144,9 @@ def mandatory_ids(tokenizer: Any) -> set[int]:
 
 def choose_vocab(tokenizer: Any, counts: np.ndarray, size: int = 0) -> np.ndarray:
     """The teacher ids a student keeps (ascending): :func:`mandatory_ids`, then the tokens with ``counts > 0``
-    (``size`` 0) or the most frequent of them while the closed set stays within ``size``, closed under merges."""
+    (``size`` 0: ``auto``) or the most frequent of them while the closed set stays within ``size``, then, while
+    room is left under ``size``, the products of the teacher's earliest merges; all closed under merges. A
+    ``size`` at least ``auto``'s keeps every token of the data, so the data tokenize identically."""
     spec = _spec(tokenizer)
     vocab: dict[str, int] = spec["model"]["vocab"]
     by_id = {i: t for t, i in vocab.items()}
@@ -183,6 +185,18 @@ def choose_vocab(tokenizer: Any, counts: np.ndarray, size: int = 0) -> np.ndarra
         if size and len(kept) + len(new) > size:
             continue
         kept.update(new)
+    # room left under ``size``: the teacher's earliest merges (BPE learns merges in order of frequency in the
+    # teacher's own training text), for text outside the data; a subset of the teacher's merges still includes
+    # every merge that fires on the data, so the data still tokenize identically
+    for left, right in _merge_pairs(spec["model"]) if size and len(kept) < size else ():
+        token_id = vocab.get(left + right)
+        if token_id is None or token_id in kept:
+            continue
+        new = close(token_id)
+        if len(kept) + len(new) <= size:
+            kept.update(new)
+        if len(kept) >= size:
+            break
     return np.array(sorted(kept), dtype=np.int64)
 
 

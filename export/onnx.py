@@ -170,7 +170,11 @@ def quantize_int8(src: Path, dst: Path) -> None:
     """Dynamic int8: weights int8 per output channel, activations quantized per tensor at run time.
 
     The :data:`INT8_WEIGHT_ONLY` projections get int8 weight-only quantization instead; MatMuls of two
-    activations (attention scores, RoPE angles) are left in float (``MatMulConstBOnly``).
+    activations (attention scores, RoPE angles) are left in float (``MatMulConstBOnly``). Weights use 7 bits
+    (``reduce_range``): x86 CPUs without VNNI (AVX2, AVX-512 before VNNI) multiply u8 activations by s8 weights
+    with ``pmaddubsw``, whose int16 sums saturate with full-range weights. Measured on a Zen 3 EPYC (AVX2, no
+    VNNI): the default teacher's int8 export agreed with PyTorch on 24 % of top-1 tokens (max logit error 33)
+    with 8-bit weights; an artifact must run right on every CPU it may be shipped to, not only the exporting one.
     """
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -184,6 +188,7 @@ def quantize_int8(src: Path, dst: Path) -> None:
             model,
             dst / MODEL_FILE,
             per_channel=True,
+            reduce_range=True,
             weight_type=QuantType.QInt8,
             op_types_to_quantize=["MatMul"],
             extra_options={"MatMulConstBOnly": True},

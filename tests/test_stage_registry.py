@@ -141,14 +141,15 @@ def test_the_registry_refuses_clashing_stages():
 
 def test_the_default_fingerprints_are_pinned():
     """A stage's keys and fingerprint change only on purpose: a change redoes that stage (and the later ones) in every
-    existing run directory. Last changed when the derived runs froze their embeddings by default (distill's
-    freeze_embeddings and probe_steps 0)."""
+    existing run directory. Last changed when the students' vocabulary was trimmed by default and the warm-up
+    became 4 steps (distill's vocab and warmup_steps)."""
     assert DEFAULT.stage_keys() == {
         "teacher": ("teacher", "data", "seq_len", "top_k", "train_tokens", "heldout_tokens"),
         "distill": (
             "students",
             "init",
             "chain",
+            "vocab",
             "steps",
             "batch_size",
             "alpha",
@@ -177,16 +178,16 @@ def test_the_default_fingerprints_are_pinned():
     config = PipelineConfig()
     assert {s: config.fingerprint(s) for s in STAGES} == {
         "teacher": "b54eaa67d752a100",
-        "distill": "1d6e313ff0559617",
-        "export": "f06d073de426b61b",
-        "bench": "a67e8db3de482943",
-        "report": "b8ba3e58e398a61e",
+        "distill": "3e3a89d4bf2e8240",
+        "export": "f8a8f24b465b60e6",
+        "bench": "b564a1f0708d9ef2",
+        "report": "618d69f65a1182c9",
     }
 
 
 def test_every_pipeline_setting_has_its_help_beside_it():
     fields = dataclasses.fields(PipelineConfig)
-    assert len(fields) == 36
+    assert len(fields) == 37
     assert [f.name for f in fields if not f.metadata.get("help")] == []
 
 

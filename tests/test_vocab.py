@@ -354,7 +354,7 @@ def test_vocab_n_budget_mandatory_tokens_and_closure(teachers):
     required = _required(teacher)
     assert required <= set(floor.tolist()) and required <= mandatory_ids(teacher)
     everything = choose_vocab(teacher, counts)
-    for size in (len(floor), len(floor) + 1, len(floor) + 7, len(floor) + 30, 100_000):
+    for size in (len(floor), len(floor) + 1, len(floor) + 7, len(floor) + 30, len(everything) + 9, 100_000):
         kept = choose_vocab(teacher, counts, size)
         kept_set = set(kept.tolist())
         assert kept.dtype == np.int64 and (np.diff(kept) > 0).all()
@@ -369,8 +369,15 @@ def test_vocab_n_budget_mandatory_tokens_and_closure(teachers):
         for index in np.nonzero(counts)[0].tolist():
             if index not in kept_set:
                 assert _closure_cost(index, kept_set, tokens, vocab, producers) > room, tokens[index]
-        if size >= len(everything):
-            assert np.array_equal(kept, everything)
+        if size >= len(everything):  # every token of the data, then the products of the teacher's earliest merges
+            assert set(everything.tolist()) <= kept_set and len(kept) == min(size, len(teacher))
+            in_order = []
+            for merge in json.loads(teacher.backend_tokenizer.to_str())["model"]["merges"]:
+                left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
+                index = vocab[left + right]
+                if index not in everything and index not in in_order:
+                    in_order.append(index)
+            assert kept_set - set(everything.tolist()) == set(in_order[: len(kept) - len(everything)])
     # the most frequent token of the data that is not mandatory comes first
     used = [i for i in np.argsort(-counts, kind="stable").tolist() if counts[i] and i not in set(floor.tolist())]
     cost = _closure_cost(used[0], set(floor.tolist()), tokens, vocab, producers)
