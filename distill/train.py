@@ -407,16 +407,7 @@ def _setup(config: TrainConfig, dist: _Distributed, out: Path) -> _Run:
     torch.manual_seed(config.seed)
     device = dist.device
     cache, source, tokenizer, teacher_config, teacher_info = _resolve_teacher(config)
-    train_data, heldout, stats = load_data(
-        config.data,
-        tokenizer,
-        config.seq_len,
-        config.val_fraction,
-        config.tag_weight,
-        config.skip_bad_lines,
-        config.train_tokens,
-        config.heldout_tokens,
-    )
+    train_data, heldout, stats = _load_run_data(config, tokenizer)
     if stats.bad_lines and dist.is_main:
         print(f"skipped {stats.bad_lines} malformed line(s); first: {stats.bad_examples[0]}")
     if cache is not None:
@@ -575,9 +566,14 @@ def _student_data(
                 f"{err}; a student that tokenizes the data differently cannot use a teacher cache: trim with "
                 "--vocab auto, or run the teacher online"
             ) from None
+    return _load_run_data(config, student_tokenizer)
+
+
+def _load_run_data(config: TrainConfig, tokenizer: Any) -> tuple[PackedData, PackedData, DataStats]:
+    """The run's training and held-out data, tokenized by ``tokenizer``, split and budgeted as ``config`` says."""
     return load_data(
         config.data,
-        student_tokenizer,
+        tokenizer,
         config.seq_len,
         config.val_fraction,
         config.tag_weight,

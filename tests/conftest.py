@@ -23,7 +23,6 @@ TRAINING_TEXT = [
 def make_tokenizer(vocab_size: int = 320, corpus: list[str] | None = None):
     """A byte-level BPE tokenizer with ChatML special tokens and chat template, like SmolLM2's, but tiny."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -36,8 +35,15 @@ def make_tokenizer(vocab_size: int = 320, corpus: list[str] | None = None):
         show_progress=False,
     )
     tokenizer.train_from_iterator((corpus or TRAINING_TEXT) * 20, trainer=trainer)
+    return chatml_tokenizer(tokenizer)
+
+
+def chatml_tokenizer(backend):
+    """A ``tokenizers.Tokenizer`` as transformers' fast tokenizer with SmolLM2's ChatML specials and template."""
+    from transformers import PreTrainedTokenizerFast
+
     return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
+        tokenizer_object=backend,
         bos_token="<|im_start|>",
         eos_token="<|im_end|>",
         unk_token="<|endoftext|>",

@@ -293,7 +293,7 @@ def test_specials_added_after_training_are_renumbered(tmp_path):
     """Specials and an added token at the end of the teacher's ids (as in Qwen's) move down with the trimmed rows:
     the post-processor's BOS, the config's added tokens and the chat template follow them."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    from transformers import AutoTokenizer
 
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -306,17 +306,9 @@ def test_specials_added_after_training_are_renumbered(tmp_path):
     backend.post_processor = processors.TemplateProcessing(
         single="<|im_start|> $A", pair="<|im_start|> $A <|im_start|> $B", special_tokens=[("<|im_start|>", bos)]
     )
-    from conftest import CHATML
+    from conftest import chatml_tokenizer
 
-    teacher = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token="<|im_start|>",
-        eos_token="<|im_end|>",
-        unk_token="<|endoftext|>",
-        pad_token="<|im_end|>",
-        chat_template=CHATML,
-        clean_up_tokenization_spaces=False,
-    )
+    teacher = chatml_tokenizer(backend)
     assert teacher.bos_token_id == len(teacher) - 3
     student, vocab_map = trim_tokenizer(teacher, choose_vocab(teacher, _counts(teacher)))
     assert vocab_map.size < len(teacher) - 50
