@@ -554,6 +554,7 @@ def derive(
     """
     started = time.perf_counter()
     source = teacher_shape(source_model.config)
+    source_params = sum(p.numel() for p in source_model.parameters())
     tied = bool(source_model.config.tie_word_embeddings)
     vocab = source_model.config.vocab_size if vocab_rows is None else len(vocab_rows)
     rows = None if vocab_rows is None else [int(i) for i in vocab_rows]
@@ -573,7 +574,7 @@ def derive(
         if not shapes:
             raise EdgeDistillError(
                 f"prune: no shape within {settings.tolerance:.0%} of {target / 1e6:.2f} M parameters can be cut "
-                f"from a {parameter_count(source, vocab, tied) / 1e6:.1f} M model with widths in multiples of "
+                f"from a {source_params / 1e6:.1f} M model with widths in multiples of "
                 f"{WIDTH_QUANTUM} (the embeddings alone are {vocab * WIDTH_QUANTUM / 1e6:.1f} M at width "
                 f"{WIDTH_QUANTUM})"
             )
@@ -615,7 +616,7 @@ def derive(
     plan = make_plan(importance, source, best.shape, settings.layer_metric, settings.rescale_norms, rows)
     student = slice_model(source_model, plan)
     record = {
-        "source": {"shape": shape_dict(source), "parameters": parameter_count(source, vocab, tied)},
+        "source": {"shape": shape_dict(source), "parameters": source_params},
         "target_parameters": int(target),
         "settings": dataclasses.asdict(settings),
         "importance": importance.summary(),
