@@ -122,6 +122,15 @@ class BenchConfig(FlagConfig):
     context: int | None = setting(
         None, "positions to allocate (default: prompt + gen tokens, or the quality window if larger)"
     )
+    draft: list[Path] = setting(
+        factory=list,
+        help="draft models of the teacher (its students): rows of the teacher decoding speculatively with each "
+        "(acceptance, decode tokens/s, speed-up; needs --teacher)",
+        metavar="MODEL",
+    )
+    draft_tokens: list[int] = setting(
+        factory=lambda: [1, 2, 4], help="tokens a draft proposes per round, measured besides the adaptive choice"
+    )
 
     def __post_init__(self) -> None:
         if not self.models and self.teacher is None:
@@ -130,6 +139,15 @@ class BenchConfig(FlagConfig):
         self.data = _paths("data", self.data or [])
         self.out = _path("out", self.out)
         self.teacher = _path("teacher", self.teacher) if self.teacher is not None else None
+        self.draft = _paths("draft", self.draft or [])
+        if self.draft and self.teacher is None:
+            raise EdgeDistillError("draft: a draft model speeds up the teacher: give the teacher too (--teacher)")
+        if (
+            not isinstance(self.draft_tokens, (list, tuple))
+            or not self.draft_tokens
+            or any(isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= 16 for k in self.draft_tokens)
+        ):
+            raise EdgeDistillError(f"draft_tokens: expected integers from 1 to 16, got {self.draft_tokens!r}")
         if self.labels is not None:
             if not isinstance(self.labels, (list, tuple)):
                 raise EdgeDistillError(f"labels: expected a list of names, got {self.labels!r}")
@@ -348,7 +366,10 @@ def run_bench(config: BenchConfig, progress: bool = True) -> dict[str, Any]:
 
     plan = _plan(config)
     rows = _measure(config, plan, progress)
-    result = clean(_result(config, plan, rows))
+    result = _result(config, plan, rows)
+    if config.draft:
+        result["speculative"] = _measure_drafts(config, plan)
+    result = clean(result)
     with claim(Path(config.out), "--out"):  # also sweeps the temporary reports of a bench killed while writing
         write_reports(result, config.out)
     return result
@@ -415,6 +436,30 @@ def _measure(config: BenchConfig, plan: _Plan, progress: bool) -> list[dict[str,
                 rows.append(_row(model, count, measured, plan, config))
     bar.close()
     return rows
+
+
+def _measure_drafts(config: BenchConfig, plan: _Plan) -> dict[str, Any]:
+    """The teacher decoding speculatively with each draft (``bench/speculative.py``), in a process of its own, at
+    the largest thread count measured (at most the CPUs here)."""
+    threads = min(max(plan.threads), len(plan.pinned or available_cpus()))
+    labels = [default_label(path) for path in config.draft]
+    with tempfile.TemporaryDirectory(prefix="edgedistill-drafts-") as scratch:
+        out = Path(scratch) / "speculative.json"
+        command = [
+            sys.executable, "-m", "edgedistill.bench.speculative", str(config.teacher),
+            "--draft", *map(str, config.draft), "--labels", ",".join(labels), "--threads", str(threads),
+            "--draft-tokens", ",".join(map(str, config.draft_tokens)), "--max-tokens", str(config.gen_tokens),
+            "--repeat", str(config.repeat), "--json", str(out),
+        ]  # fmt: skip
+        print(f"bench: the teacher with {len(config.draft)} draft(s), {threads} threads", file=sys.stderr)
+        done = subprocess.run(command, capture_output=True, text=True, timeout=WORKER_TIMEOUT_S)
+        if done.returncode != 0 or not out.is_file():
+            tail = [line for line in done.stderr.strip().splitlines() if line.strip()][-3:]
+            raise EdgeDistillError(
+                f"bench of the drafts: the measuring process failed ({describe_exit(done.returncode)}): "
+                f"{' | '.join(tail) or 'no output'}"
+            )
+        return json.loads(out.read_text(encoding="utf-8"))
 
 
 def _quality_spec(config: BenchConfig, model: _Model, texts_file: Path, teacher_scores: Path) -> dict[str, Any]:

@@ -385,11 +385,96 @@ def markdown_tables(result: dict[str, Any]) -> str:
             _roofline_section(result),
             _projection_section(result),
             _quality_section(result),
+            _speculative_section(result),
             _claims_section(result),
             _definitions_section(result),
             _notes_section(result),
         ]
     )
+
+
+def _speculative_section(result: dict[str, Any]) -> str:
+    if not result.get("speculative"):
+        return ""
+    return "\n### The teacher accelerated by its drafts (speculative decoding)\n\n" + speculative_markdown(
+        result["speculative"]
+    )
+
+
+# ------------------------------------------------------------------------------------ speculative decoding (drafts)
+
+
+def best_draft_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each draft's row with the highest speed-up."""
+    best: dict[str, dict[str, Any]] = {}
+    for row in result.get("rows", []):
+        if row["draft"] not in best or (row["speedup"] or 0) > (best[row["draft"]]["speedup"] or 0):
+            best[row["draft"]] = row
+    return list(best.values())
+
+
+def draft_verdict(row: dict[str, Any]) -> str:
+    """What a row says in words; a draft that makes the teacher slower says why (too weak or too slow)."""
+    speedup = row.get("speedup")
+    if speedup is None:
+        return "not measured: too few tokens decoded to time"
+    if not row.get("identical"):
+        return "output differs from the teacher's (a rounding difference between batched and single evaluation)"
+    if row.get("draft_tokens") == "auto" and row.get("tokens_per_round", 0) < 1.1:
+        return "left idle by the schedule: its proposals do not pay here, so the teacher mostly runs alone"
+    if speedup >= 1.05:
+        return f"helps: {number(speedup, 2, 'x')} the teacher's decode speed"
+    if speedup > 0.95:
+        return "no gain: the kept proposals only pay for the draft's own cost"
+    if row["acceptance"] < 0.5:
+        return f"too weak to help: the teacher keeps {percent(row['acceptance'], 0)} of its proposals"
+    return "too slow to help: its proposals cost more than the teacher's evaluations they save"
+
+
+def speculative_markdown(result: dict[str, Any]) -> str:
+    """The table "the teacher accelerated by its students" (Markdown)."""
+    if not result.get("rows"):
+        return "(no draft was measured)\n"
+    head = (
+        f"Teacher `{Path(result['teacher']).name}` alone: {number(result['teacher_decode_tps'], 1)} decode tokens/s, "
+        f"{result['threads']} threads, greedy, {len(result['prompts'])} prompts x {result['max_tokens']} tokens, "
+        f"median of {result['repeat']} passes. k = tokens proposed per round (auto: adapted).\n\n"
+    )
+    checks = result.get("teacher_check_ms") or {}
+    if checks:
+        head += (
+            "The teacher's cost to check n tokens in one call: "
+            + ", ".join(f"n = {n}: {number(ms, 1)} ms" for n, ms in checks.items())
+            + " (n = 1 is plain decoding; a round with k proposals pays for n = k + 1).\n\n"
+        )
+    table = markdown_table(
+        [
+            "draft",
+            "k",
+            "proposals kept",
+            "tokens / teacher call",
+            "decode tok/s",
+            "speed-up",
+            "identical output",
+            "draft alone tok/s",
+            "verdict",
+        ],
+        [
+            [
+                row["draft"],
+                str(row["draft_tokens"]),
+                f"{percent(row['acceptance'], 0)} of {number(row.get('proposed_per_pass'), 0)}",
+                number(row["tokens_per_round"], 2),
+                number(row["decode_tps"], 1),
+                number(row["speedup"], 2, "x"),
+                "yes" if row["identical"] else "**no**",
+                number(row["draft_decode_tps"], 1),
+                draft_verdict(row),
+            ]
+            for row in result["rows"]
+        ],
+    )
+    return head + table
 
 
 def claims_table(result: dict[str, Any]) -> str:

@@ -84,7 +84,7 @@ def _llama_cpp_baseline(model: Any, prompt_ids: list[int]) -> tuple[Callable[[in
         n_threads=loaded.threads,
         n_threads_batch=loaded.threads,
         n_gpu_layers=0,
-        flash_attn=False,
+        flash_attn=loaded.flash_attn,
         verbose=False,
         **cache,
     )

@@ -98,7 +98,7 @@ class LlamaCpp:
         logging.getLogger("llama-cpp-python").setLevel(logging.DEBUG if verbose else logging.ERROR)
         self._lib = llama_cpp
         self.path = Path(path)
-        self.threads, self.f32_cache = max(1, threads), f32_cache
+        self.threads, self.f32_cache, self.flash_attn = max(1, threads), f32_cache, flash_attn
         self.model: Any = None
         self.ctx: Any = None
         self._batch: Any = None

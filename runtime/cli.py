@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Any, TextIO
 
 from edgedistill.errors import EdgeDistillError
@@ -22,6 +23,20 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (default 0: all this process may use)")
     parser.add_argument(
         "--context", type=int, default=None, help="tokens of prompt plus output (default: the model's, at most 2048)"
+    )
+    parser.add_argument(
+        "--draft",
+        default=None,
+        metavar="PATH",
+        help="a smaller model of the same vocabulary (e.g. its distilled student) that drafts tokens for MODEL to "
+        "verify: speculative decoding, the same greedy output as MODEL alone, the same distribution when sampling",
+    )
+    parser.add_argument(
+        "--draft-tokens",
+        type=int,
+        default=None,
+        metavar="K",
+        help="tokens the draft proposes per round, 1-16 (default: adapted to how many MODEL accepts)",
     )
 
 
@@ -59,7 +74,13 @@ def _load(args: argparse.Namespace) -> Any:
 
     if args.threads is not None and args.threads < 0:
         raise EdgeDistillError(f"--threads must be >= 0, got {args.threads}")
-    return load(args.model, threads=args.threads or None, context=args.context)
+    return load(
+        args.model,
+        threads=args.threads or None,
+        context=args.context,
+        draft=args.draft,
+        draft_tokens=args.draft_tokens,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------- generate
@@ -110,6 +131,13 @@ def run_generate(args: argparse.Namespace, out: TextIO | None = None) -> int:
                 f"({model.info.backend}, {model.info.threads} threads)",
                 file=sys.stderr,
             )
+            if done.speculative:
+                spec = done.speculative
+                print(
+                    f"draft: {spec['accepted']}/{spec['drafted']} proposed tokens accepted in {spec['rounds']} "
+                    f"rounds ({done.completion_tokens / max(spec['rounds'], 1):.2f} tokens per teacher evaluation)",
+                    file=sys.stderr,
+                )
     return 0
 
 
@@ -306,9 +334,11 @@ def run_serve(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
         info = model.info
+        draft = getattr(model, "draft", None)
+        drafting = f", drafted by {Path(draft.info.path).name}" if draft is not None else ""
         print(
             f"serving {server.model_id} ({info.format} {info.quantization}, {info.backend}, {info.threads} threads, "
-            f"context {info.context}) at {server.url}/v1 (Ctrl-C stops)",
+            f"context {info.context}{drafting}) at {server.url}/v1 (Ctrl-C stops)",
             flush=True,
         )
         serve_forever(server)

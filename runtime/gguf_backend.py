@@ -72,7 +72,19 @@ class GgufModel(LanguageModel):
         f32_cache = header.quantization == "f32"
         check_cache_memory(context, header.kv_bytes_per_token(f32_cache=f32_cache), path)
         batch = min(PREFILL_BATCH, context)
-        self.llama = LlamaCpp(path, n_ctx=context, n_batch=batch, threads=threads, f32_cache=f32_cache, verbose=verbose)
+        # With a float16 cache, llama.cpp's attention without flash attention computes a position's logits
+        # differently in a batch of tokens than alone (up to 0.9 on SmolLM2-135M q8_0), so a speculative teacher's
+        # batched check could choose other tokens than its one-at-a-time decoding; flash attention computes both
+        # alike (bit for bit, measured), and decodes faster here. A float32 cache is alike either way.
+        self.llama = LlamaCpp(
+            path,
+            n_ctx=context,
+            n_batch=batch,
+            threads=threads,
+            f32_cache=f32_cache,
+            flash_attn=not f32_cache,
+            verbose=verbose,
+        )
         vocab = self.llama.vocab
         n_vocab = self.llama.n_vocab
         self._n_vocab = n_vocab
@@ -142,6 +154,9 @@ class GgufModel(LanguageModel):
 
     def _all_logits(self, token_ids: Sequence[int]) -> np.ndarray:
         return self.llama.evaluate(token_ids, 0, all_logits=True)
+
+    def _score(self, token_ids: Sequence[int], start: int) -> np.ndarray:
+        return self.llama.evaluate(token_ids, start, all_logits=True)
 
     def close(self) -> None:
         llama = getattr(self, "llama", None)

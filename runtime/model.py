@@ -77,6 +77,8 @@ class Completion:
         token_ids: the generated ids.
         prefill_seconds: time to evaluate the prompt and choose the first token.
         decode_seconds: time for the remaining tokens.
+        speculative: with a draft model, what the drafting did (:class:`~edgedistill.runtime.speculative.
+            SpeculativeModel`: rounds, drafted and accepted tokens); None without one.
     """
 
     text: str
@@ -86,6 +88,7 @@ class Completion:
     token_ids: list[int]
     prefill_seconds: float
     decode_seconds: float
+    speculative: dict[str, Any] | None = None
 
     @property
     def decode_tokens_per_second(self) -> float:
@@ -182,6 +185,12 @@ class LanguageModel(ABC):
     def _all_logits(self, token_ids: Sequence[int]) -> np.ndarray:
         """float32 ``[n, vocab]`` logits at every position of ``token_ids`` from an empty cache."""
 
+    @abstractmethod
+    def _score(self, token_ids: Sequence[int], start: int) -> np.ndarray:
+        """Like :meth:`_evaluate` (the cache then holds ``start + len(token_ids)`` tokens), returning the logits
+        after each of them: float32 ``[len(token_ids), vocab]``, an array of its own. A speculative model's
+        teacher checks a draft's tokens with one call."""
+
     def close(self) -> None:
         """Free the backend's resources; the model cannot be used afterwards."""
 
@@ -215,6 +224,13 @@ class LanguageModel(ABC):
         with self._locked():
             self._cached = []  # what is cached is no longer a prefix generation may reuse
             return self._evaluate(token_ids, start)
+
+    def score(self, token_ids: Sequence[int], start: int) -> np.ndarray:
+        """Like :meth:`evaluate`, but the logits after each of ``token_ids``: float32 ``[n, vocab]``, an array of
+        its own. What a speculative teacher's check of n tokens costs (the bench times it)."""
+        with self._locked():
+            self._cached = []
+            return self._score(token_ids, start)
 
     def logits(self, token_ids: Sequence[int]) -> np.ndarray:
         """float32 ``[len(token_ids), vocab]``: the logits at every position, for evaluation (perplexity, parity).
@@ -315,12 +331,8 @@ class LanguageModel(ABC):
 
     def _prefill(self, ids: list[int]) -> np.ndarray:
         """Evaluate the prompt, reusing the cached prefix it shares with the previous generation."""
-        shared = 0
-        for cached, new in zip(self._cached, ids):
-            if cached != new:
-                break
-            shared += 1
-        shared = min(shared, len(ids) - 1)  # at least one token runs, so that there are logits to sample from
+        # At least one token runs, so that there are logits to sample from.
+        shared = min(common_prefix(self._cached, ids), len(ids) - 1)
         self._cached = self._cached[:shared]
         self._truncate(shared)
         try:
@@ -331,6 +343,22 @@ class LanguageModel(ABC):
             raise
         self._cached = list(ids)
         return logits
+
+    def _tokens(self, ids: list[int], sampler: Sampler, params: SamplingParams, stats: dict[str, Any]) -> Iterator[int]:
+        """The generated token ids, one per ``next``: the prompt is evaluated first, then each token when the next
+        one is asked for. Keeps ``self._cached`` equal to what the cache holds. (A speculative model overrides this
+        to produce several tokens per teacher evaluation; ``stats`` receives what it measured.)"""
+        logits = self._prefill(ids)
+        while True:
+            token_id = sampler(logits)
+            yield token_id
+            try:
+                logits = self._evaluate([token_id], len(self._cached))
+            except BaseException:
+                self._cached = []
+                self._truncate(0)
+                raise
+            self._cached.append(token_id)
 
     def _pieces(self, ids: list[int], params: SamplingParams, holder: dict[str, Completion]) -> Iterator[str]:
         with self._locked():
@@ -343,28 +371,25 @@ class LanguageModel(ABC):
             stopped = False  # by a stop string
             text_parts: list[str] = []
             first_token_at = None
-            logits = self._prefill(ids)
-            while True:
-                token_id = sampler(logits)
-                generated.append(token_id)
-                if first_token_at is None:
-                    first_token_at = time.perf_counter()
-                if token_id in self.eos_ids:
-                    finish = FINISH_STOP
-                    break
-                piece, stopped = stops.push(decoder.add(token_id))
-                if piece:
-                    text_parts.append(piece)
-                    yield piece
-                if stopped or len(generated) >= params.max_tokens or len(self._cached) >= self.context:
-                    break
-                try:
-                    logits = self._evaluate([token_id], len(self._cached))
-                except BaseException:
-                    self._cached = []
-                    self._truncate(0)
-                    raise
-                self._cached.append(token_id)
+            stats: dict[str, Any] = {}
+            tokens = self._tokens(ids, sampler, params, stats)
+            try:
+                for token_id in tokens:
+                    generated.append(token_id)
+                    if first_token_at is None:
+                        first_token_at = time.perf_counter()
+                    if token_id in self.eos_ids:
+                        finish = FINISH_STOP
+                        break
+                    piece, stopped = stops.push(decoder.add(token_id))
+                    if piece:
+                        text_parts.append(piece)
+                        yield piece
+                    # The next token needs this one evaluated: it must fit the context.
+                    if stopped or len(generated) >= params.max_tokens or len(ids) + len(generated) > self.context:
+                        break
+            finally:
+                tokens.close()
             if stopped:
                 finish = FINISH_STOP
             else:
@@ -386,7 +411,18 @@ class LanguageModel(ABC):
                 token_ids=generated,
                 prefill_seconds=(first_token_at or ended) - started,
                 decode_seconds=ended - (first_token_at or ended),
+                speculative=stats or None,
             )
+
+
+def common_prefix(cached: Sequence[int], ids: Sequence[int]) -> int:
+    """How many leading tokens two sequences share (the cached prefix a new prompt can reuse)."""
+    shared = 0
+    for old, new in zip(cached, ids):
+        if old != new:
+            break
+        shared += 1
+    return shared
 
 
 def resolve_context(context: int | None, trained: int | None) -> int:

@@ -343,13 +343,17 @@ class OnnxModel(LanguageModel):
         self.engine.truncate(length)
 
     def _all_logits(self, token_ids: Sequence[int]) -> np.ndarray:
+        out = self._score(token_ids, 0)
+        self.engine.truncate(0)
+        return out
+
+    def _score(self, token_ids: Sequence[int], start: int) -> np.ndarray:
         ids = list(token_ids)
         out = np.empty((1, len(ids), self._vocab_size), dtype=np.float32)
-        self.engine.truncate(0)
+        self.engine.truncate(start)
         for begin in range(0, len(ids), PREFILL_CHUNK):
             part = ids[begin : begin + PREFILL_CHUNK]
-            self.engine.run(part, begin, out[:, begin : begin + len(part)])
-        self.engine.truncate(0)
+            self.engine.run(part, start + begin, out[:, begin : begin + len(part)])
         return out[0]
 
     def close(self) -> None:

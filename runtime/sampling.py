@@ -145,16 +145,59 @@ class Sampler:
             EdgeDistillError: the logits are not finite where it matters (a broken model or file).
         """
         params = self.params
-        if self._penalize and self._seen_ids:
-            logits = apply_repetition_penalty(logits, self._seen_ids, params.repetition_penalty)
+        logits = self.penalized(logits)
         if params.greedy:
-            token_id = int(np.argmax(logits))
-            if not math.isfinite(float(logits[token_id])):
-                raise EdgeDistillError("model: the logits are not finite (NaN or infinity); the model file is broken")
+            token_id = greedy_token(logits)
         else:
             token_id = sample_token(logits, params.temperature, params.top_k, params.top_p, self._rng)
         self.observe(token_id)
         return token_id
+
+    def penalized(self, logits: np.ndarray) -> np.ndarray:
+        """``logits`` with the repetition penalty of the tokens seen so far (the same array when there is none)."""
+        if self._penalize and self._seen_ids:
+            return apply_repetition_penalty(logits, self._seen_ids, self.params.repetition_penalty)
+        return logits
+
+    def distribution(self, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """What a sampling call would draw from, without drawing: ``(token ids, probabilities)`` after the
+        repetition penalty, temperature, top-k and top-p (speculative decoding compares two of these).
+
+        Raises:
+            EdgeDistillError: greedy settings (temperature 0), or logits that are not finite.
+        """
+        if self.params.greedy:
+            raise EdgeDistillError("sampling: a greedy sampler has no distribution (temperature is 0)")
+        params = self.params
+        return token_distribution(self.penalized(logits), params.temperature, params.top_k, params.top_p)
+
+    @property
+    def rng(self) -> np.random.Generator:
+        """The seeded generator the draws come from."""
+        return self._rng
+
+    def mark(self) -> int:
+        """A point to :meth:`rollback` to: the tokens observed so far."""
+        return len(self._seen_ids)
+
+    def rollback(self, mark: int) -> None:
+        """Forget the tokens first observed after :meth:`mark` returned ``mark`` (drafted tokens a verifier refused)."""
+        if self._seen is not None:
+            for token_id in self._seen_ids[mark:]:
+                self._seen[token_id] = False
+            del self._seen_ids[mark:]
+
+
+def greedy_token(logits: np.ndarray) -> int:
+    """The most likely token id.
+
+    Raises:
+        EdgeDistillError: its logit is not finite (a broken model or file).
+    """
+    token_id = int(np.argmax(logits))
+    if not math.isfinite(float(logits[token_id])):
+        raise EdgeDistillError("model: the logits are not finite (NaN or infinity); the model file is broken")
+    return token_id
 
 
 def apply_repetition_penalty(logits: np.ndarray, token_ids: Sequence[int], penalty: float) -> np.ndarray:
@@ -172,6 +215,23 @@ def apply_repetition_penalty(logits: np.ndarray, token_ids: Sequence[int], penal
     return out
 
 
+def token_distribution(
+    logits: np.ndarray, temperature: float, top_k: int, top_p: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """``softmax(logits / temperature)`` restricted by top-k, then top-p, and renormalised.
+
+    Returns:
+        ``(token ids, probabilities)``: int64 and float64 arrays of the same length; the probabilities sum to 1.
+
+    Raises:
+        EdgeDistillError: the logits hold NaN or no finite value.
+    """
+    candidates, weights = _candidate_weights(logits, temperature, top_k, top_p)
+    if candidates is None:
+        candidates = np.arange(weights.shape[0], dtype=np.int64)
+    return candidates.astype(np.int64, copy=False), weights / float(weights.sum())
+
+
 def sample_token(logits: np.ndarray, temperature: float, top_k: int, top_p: float, rng: np.random.Generator) -> int:
     """Draw one token id from ``softmax(logits / temperature)`` restricted by top-k and top-p.
 
@@ -185,6 +245,22 @@ def sample_token(logits: np.ndarray, temperature: float, top_k: int, top_p: floa
     Raises:
         EdgeDistillError: the logits hold NaN or no finite value.
     """
+    candidates, weights = _candidate_weights(logits, temperature, top_k, top_p)
+    return draw_token(candidates, weights, rng)
+
+
+def draw_token(candidates: np.ndarray | None, weights: np.ndarray, rng: np.random.Generator) -> int:
+    """One draw, with one uniform number, from unnormalised ``weights`` over ``candidates`` (None: ids 0..n-1)."""
+    cumulative = np.cumsum(weights)
+    draw = rng.random() * float(cumulative[-1])
+    index = min(int(np.searchsorted(cumulative, draw, side="right")), len(cumulative) - 1)
+    return int(index if candidates is None else candidates[index])
+
+
+def _candidate_weights(
+    logits: np.ndarray, temperature: float, top_k: int, top_p: float
+) -> tuple[np.ndarray | None, np.ndarray]:
+    """The tokens kept by top-k and top-p (None: every token) and their unnormalised weights."""
     scaled = np.asarray(logits, dtype=np.float64) / temperature
     vocab = scaled.shape[0]
     candidates: np.ndarray | None = None  # None: every token
@@ -205,10 +281,7 @@ def sample_token(logits: np.ndarray, temperature: float, top_k: int, top_p: floa
         order = order[:keep]
         weights = weights[order]
         candidates = order if candidates is None else candidates[order]
-    cumulative = np.cumsum(weights)
-    draw = rng.random() * float(cumulative[-1])
-    index = min(int(np.searchsorted(cumulative, draw, side="right")), len(cumulative) - 1)
-    return int(index if candidates is None else candidates[index])
+    return candidates, weights
 
 
 def _most_likely_first(weights: np.ndarray, mass: float) -> np.ndarray:

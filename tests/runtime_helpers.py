@@ -136,6 +136,53 @@ def cli_popen(command: str, *argv: str) -> subprocess.Popen:
 
 
 @contextmanager
+def serve_process(*argv: str) -> Iterator[tuple[subprocess.Popen, str, str]]:
+    """``edgedistill serve ARGV`` in a child Python: ``(process, banner line, base URL)``; killed if still alive at
+    the end of the block."""
+    import re
+
+    process = cli_popen("serve", *argv)
+    try:
+        banner = process.stdout.readline()
+        match = re.search(r"(http://127\.0\.0\.1:\d+)/v1", banner)
+        assert match, banner + process.stderr.read()
+        yield process, banner, match.group(1)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=10)
+        process.stdout.close()
+        process.stderr.close()
+
+
+def post_json(url: str, body: dict, timeout: float = 30) -> dict:
+    """POST ``body`` as JSON to ``url``; the JSON answer."""
+    import json
+    import urllib.request
+
+    post = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(post, timeout=timeout) as response:
+        return json.load(response)
+
+
+def request(server, method: str, path: str, body=None, headers=None, raw: bytes | None = None, timeout: float = 60):
+    """One HTTP request to a :func:`running` server; returns (status, parsed JSON or text)."""
+    import http.client
+    import json
+
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=timeout)
+    try:
+        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+        connection.request(method, path, body=data, headers={"Content-Type": "application/json", **(headers or {})})
+        response = connection.getresponse()
+        payload = response.read().decode()
+        kind = response.getheader("Content-Type", "")
+        return response.status, json.loads(payload) if kind.startswith("application/json") else payload
+    finally:
+        connection.close()
+
+
+@contextmanager
 def running(model, **kwargs) -> Iterator[Any]:
     """A real ModelServer on a free loopback port, serving from a thread for the block's duration."""
     from edgedistill.runtime.server import ModelServer

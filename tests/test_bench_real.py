@@ -57,6 +57,8 @@ def test_short_real_bench_of_tiny_gguf_onnx_and_checkpoint(tmp_path):
         target="rpi5",
         claims=True,
         out=tmp_path / "out",
+        draft=[exports.onnx_dir],  # the teacher's own weights as its draft: every proposal kept
+        draft_tokens=[2],
     )
     result = run_bench(config, progress=False)
     rows = {r["label"]: r for r in result["rows"]}
@@ -87,8 +89,21 @@ def test_short_real_bench_of_tiny_gguf_onnx_and_checkpoint(tmp_path):
     assert result["environment"]["bandwidth_gbs"]["1"] > 0
     claims = {c["claim"]: c["verdict"] for c in result["claims"]}
     assert claims["speed-up 1/8"] == "not measured"  # every model here is the teacher's size
+    # speculative decoding: the teacher (GGUF) drafted by the same weights in ONNX, k = 2 and adaptive (which may
+    # leave a draft as costly as the teacher idle, so only k = 2 is sure to keep about 3 tokens per check)
+    spec = result["speculative"]
+    checks = spec["teacher_check_ms"]
+    assert {"1", "2", "3"} <= set(checks) and all(ms > 0 for ms in checks.values())
+    drafted = spec["rows"]
+    assert [(r["draft"], r["draft_tokens"]) for r in drafted] == [("tiny-student-onnx-fp32", k) for k in (2, "auto")]
+    assert drafted[0]["tokens_per_round"] > 2
+    for row in drafted:
+        assert row["identical"] and row["acceptance"] == 1.0
+        assert row["decode_tps"] > 0 and row["teacher_decode_tps"] == spec["teacher_decode_tps"] > 0
+        assert row["speedup"] == pytest.approx(row["decode_tps"] / row["teacher_decode_tps"])
     saved = read_json(tmp_path / "out" / "bench.json")
     assert [r["label"] for r in saved["rows"]] == list(rows)
+    assert "The teacher accelerated by its drafts" in (tmp_path / "out" / "bench.md").read_text()
     assert (tmp_path / "out" / "bench.csv").is_file() and (tmp_path / "out" / "decode_vs_size.png").is_file()
 
 
@@ -124,3 +139,8 @@ def test_config_is_validated():
         BenchConfig(models=["a.gguf"], gen_tokens=1)
     with pytest.raises(EdgeDistillError, match="threads"):
         BenchConfig(models=["a.gguf"], threads=[0])
+    with pytest.raises(EdgeDistillError, match="^draft: .*--teacher"):
+        BenchConfig(models=["a.gguf"], draft=["b.gguf"])
+    for bad in ([0], [17], [], ["2"], [True]):
+        with pytest.raises(EdgeDistillError, match="^draft_tokens: "):
+            BenchConfig(models=["a.gguf"], teacher="t.gguf", draft=["b.gguf"], draft_tokens=bad)

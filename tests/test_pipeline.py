@@ -51,11 +51,16 @@ def test_pipeline_runs_every_stage_and_reports_the_seed_tables(tmp_path, tiny_te
     assert len(bench["rows"]) == len(artifacts)
     assert all(r["decode_tps"]["mean"] > 0 and "quality" in r for r in bench["rows"])
     assert all(r["projection"]["target"] == "rpi5" for r in bench["rows"])
+    # bench: the teacher's GGUF drafted by each student's GGUF (trimmed vocabularies, mapped by token bytes)
+    drafts = {r["draft"] for r in bench["speculative"]["rows"]}
+    assert drafts == {"s32-kd-q8_0", "s16-kd-q8_0"}
+    assert all(r["identical"] and r["decode_tps"] > 0 for r in bench["speculative"]["rows"])
     # report: the seed's three tables, claims, samples
     text = report.read_text()
     for heading in (
         "## 1. Size and quality before and after distillation",
         "## 2. Speed against the teacher",
+        "## 2b. The teacher accelerated by its students",
         "## 3. Memory and minimum hardware",
         "## Claims of the seed document",
         "## Sample generations",

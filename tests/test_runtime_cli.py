@@ -6,12 +6,11 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import re
 import signal
 import urllib.request
 
 import pytest
-from runtime_helpers import cli, cli_popen, cli_subprocess, tiny_exports
+from runtime_helpers import cli, cli_subprocess, post_json, serve_process, tiny_exports
 
 from edgedistill.runtime import cli as runtime_cli
 from edgedistill.runtime import load
@@ -99,26 +98,12 @@ def test_chat_in_a_child_process(exports):
 
 @pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
 def test_serve_answers_and_stops_on_ctrl_c(exports, stop):
-    process = cli_popen("serve", str(exports.gguf), "--port", "0", "--threads", "1", "--model-id", "tiny")
-    try:
-        banner = process.stdout.readline()
-        match = re.search(r"(http://127\.0\.0\.1:\d+)/v1", banner)
-        assert match, banner + process.stderr.read()
-        with urllib.request.urlopen(f"{match.group(1)}/v1/models", timeout=30) as response:
+    with serve_process(str(exports.gguf), "--port", "0", "--threads", "1", "--model-id", "tiny") as (process, _, url):
+        with urllib.request.urlopen(f"{url}/v1/models", timeout=30) as response:
             assert json.load(response)["data"][0]["id"] == "tiny"
-        body = json.dumps({"model": "tiny", "prompt": PROMPT, "max_tokens": 6, "temperature": 0}).encode()
-        post = urllib.request.Request(
-            f"{match.group(1)}/v1/completions", data=body, headers={"Content-Type": "application/json"}
-        )
-        with urllib.request.urlopen(post, timeout=30) as response:
-            text = json.load(response)["choices"][0]["text"]
+        body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 6, "temperature": 0}
+        text = post_json(f"{url}/v1/completions", body)["choices"][0]["text"]
         with load(exports.gguf, threads=1) as model:
             assert text == model.generate(PROMPT, max_tokens=6)
         process.send_signal(stop)
         assert process.wait(timeout=30) == 0
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait(timeout=10)
-        process.stdout.close()
-        process.stderr.close()

@@ -4,13 +4,13 @@ limits, concurrent requests, a dropped client, and a full queue."""
 
 from __future__ import annotations
 
-import http.client
 import json
 import socket
 import threading
 import time
 
 import pytest
+from runtime_helpers import request as http_request
 from runtime_helpers import running, tiny_exports
 
 from edgedistill.runtime import load
@@ -39,16 +39,7 @@ def server(model):
 
 def request(server, method: str, path: str, body=None, headers=None, raw: bytes | None = None):
     """One HTTP request; returns (status, parsed JSON or text)."""
-    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=TIMEOUT)
-    try:
-        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-        connection.request(method, path, body=data, headers={"Content-Type": "application/json", **(headers or {})})
-        response = connection.getresponse()
-        payload = response.read().decode()
-        kind = response.getheader("Content-Type", "")
-        return response.status, json.loads(payload) if kind.startswith("application/json") else payload
-    finally:
-        connection.close()
+    return http_request(server, method, path, body, headers, raw, timeout=TIMEOUT)
 
 
 def events(text: str) -> list:

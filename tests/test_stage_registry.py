@@ -141,8 +141,8 @@ def test_the_registry_refuses_clashing_stages():
 
 def test_the_default_fingerprints_are_pinned():
     """A stage's keys and fingerprint change only on purpose: a change redoes that stage (and the later ones) in every
-    existing run directory. Last changed when the students' vocabulary was trimmed by default and the warm-up
-    became 4 steps (distill's vocab and warmup_steps)."""
+    existing run directory. Last changed when the bench began measuring the students as speculative-decoding drafts
+    of the teacher (bench's bench_drafts)."""
     assert DEFAULT.stage_keys() == {
         "teacher": ("teacher", "data", "seq_len", "top_k", "train_tokens", "heldout_tokens"),
         "distill": (
@@ -172,6 +172,7 @@ def test_the_default_fingerprints_are_pinned():
             "bench_warmup",
             "bench_target",
             "quality_tokens",
+            "bench_drafts",
         ),
         "report": ("sample_prompts", "sample_tokens"),
     }
@@ -180,14 +181,14 @@ def test_the_default_fingerprints_are_pinned():
         "teacher": "b54eaa67d752a100",
         "distill": "3e3a89d4bf2e8240",
         "export": "f8a8f24b465b60e6",
-        "bench": "b564a1f0708d9ef2",
-        "report": "618d69f65a1182c9",
+        "bench": "3f2771f39f7e81a3",
+        "report": "d59841807ed2ce1c",
     }
 
 
 def test_every_pipeline_setting_has_its_help_beside_it():
     fields = dataclasses.fields(PipelineConfig)
-    assert len(fields) == 37
+    assert len(fields) == 38
     assert [f.name for f in fields if not f.metadata.get("help")] == []
 
 
@@ -303,6 +304,7 @@ def test_a_toy_stage_added_to_the_real_pipeline(tmp_path, tiny_teacher, text_dat
     assert headings == [
         "## 1. Size and quality before and after distillation",
         "## 2. Speed against the teacher",
+        "## 2b. The teacher accelerated by its students",
         "## 3. Memory and minimum hardware",
         "## Exported artifacts and their parity with PyTorch",
         "## Toy",

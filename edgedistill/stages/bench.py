@@ -23,7 +23,7 @@ from edgedistill.bench.claims import (
     percent,
     size_class,
 )
-from edgedistill.bench.report import markdown_table, markdown_tables
+from edgedistill.bench.report import best_draft_rows, markdown_table, markdown_tables, speculative_markdown
 from edgedistill.config import setting
 from edgedistill.errors import EdgeDistillError
 from edgedistill.stages.base import (
@@ -52,6 +52,9 @@ class BenchSettings:
     bench_warmup: int = setting(1, "unrecorded warm-up repetitions")
     bench_target: str = setting("rpi5", "target profile for projections (rpi4, rpi5, phone; empty: none)")
     quality_tokens: int = setting(4096, "held-out tokens scored through the runtime per artifact (0: no quality)")
+    bench_drafts: bool = setting(
+        True, "also measure the teacher's GGUF decoding speculatively with each student's GGUF as its draft"
+    )
 
     def __post_init__(self) -> None:
         threads = self.bench_threads if isinstance(self.bench_threads, list) else [self.bench_threads]
@@ -105,6 +108,7 @@ class BenchStage(Stage[BenchSettings, BenchRecord]):
             claims=True,
             out=out,
             quality_tokens=settings.quality_tokens,
+            draft=[Path(a.path) for a in _draft_artifacts(upstream, teacher)] if settings.bench_drafts else [],
         )
         result = run_bench(bench, progress=True)
         return BenchRecord(bench_json=str(out / "bench.json"), rows=len(result.get("rows", [])))
@@ -122,6 +126,7 @@ class BenchStage(Stage[BenchSettings, BenchRecord]):
                     speed_table(bench) if bench else NOT_RUN,
                 ],
             ),
+            Section(25, "2b. The teacher accelerated by its students", _speculative_lines(bench)),
             Section(
                 30,
                 "3. Memory and minimum hardware",
@@ -140,6 +145,40 @@ class BenchStage(Stage[BenchSettings, BenchRecord]):
         if bench:
             sections.append(Section(80, "The bench's own tables", [markdown_tables(bench)]))
         return sections
+
+
+def _speculative_lines(bench: dict[str, Any]) -> list[str]:
+    """Speculative decoding: the teacher's GGUF with each student's GGUF as its draft (bench/speculative.py)."""
+    result = bench.get("speculative") if bench else None
+    if not result:
+        return [NOT_RUN if not bench else "(no student GGUF was measured as a draft)"]
+    best = [
+        f"- **{row['draft']}**: best {number(row['speedup'], 2, 'x')} at k = {row['draft_tokens']} "
+        f"({percent(row['acceptance'], 0)} kept of {number(row.get('proposed_per_pass'), 0)} proposals per pass; "
+        f"output {'identical' if row['identical'] else 'NOT identical'})"
+        for row in best_draft_rows(result)
+    ]
+    return [
+        "Each student drafts tokens that the teacher verifies in one batched evaluation: the output is the "
+        "teacher's own (greedy, token for token), only faster or slower. Measured on this host, same process and "
+        "threads, the report's sample prompts.",
+        "",
+        speculative_markdown(result),
+        "",
+        *best,
+    ]
+
+
+def _draft_artifacts(upstream: Upstream, teacher: Artifact | None) -> list[Artifact]:
+    """Each student's first GGUF quantization (q8_0 by default), as drafts of the teacher's GGUF. Parity is not
+    required: a draft cannot change the teacher's output, only its speed."""
+    if teacher is None or teacher.format != "gguf":
+        return []
+    drafts: dict[str, Artifact] = {}
+    for artifact in upstream.record("export", ExportRecord).artifacts:
+        if artifact.label != "teacher" and artifact.format == "gguf":
+            drafts.setdefault(artifact.label, artifact)
+    return list(drafts.values())
 
 
 def _teacher_artifact(artifacts: list[Artifact]) -> Artifact | None:
