@@ -48,6 +48,7 @@ from edgedistill.config import FlagConfig, setting
 from edgedistill.errors import EdgeDistillError
 from edgedistill.files import claim
 from edgedistill.isolate import describe_exit
+from edgedistill.runtime.speculative import check_draft_tokens
 from edgedistill.system import available_cpus
 
 # How each derived figure is defined; written into bench.json and bench.md.
@@ -142,12 +143,10 @@ class BenchConfig(FlagConfig):
         self.draft = _paths("draft", self.draft or [])
         if self.draft and self.teacher is None:
             raise EdgeDistillError("draft: a draft model speeds up the teacher: give the teacher too (--teacher)")
-        if (
-            not isinstance(self.draft_tokens, (list, tuple))
-            or not self.draft_tokens
-            or any(isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= 16 for k in self.draft_tokens)
-        ):
-            raise EdgeDistillError(f"draft_tokens: expected integers from 1 to 16, got {self.draft_tokens!r}")
+        if not isinstance(self.draft_tokens, (list, tuple)) or not self.draft_tokens:
+            raise EdgeDistillError(f"draft_tokens: expected a list of integers, got {self.draft_tokens!r}")
+        for k in self.draft_tokens:
+            check_draft_tokens(k)
         if self.labels is not None:
             if not isinstance(self.labels, (list, tuple)):
                 raise EdgeDistillError(f"labels: expected a list of names, got {self.labels!r}")

@@ -131,17 +131,17 @@ def measure(
     plain = load(teacher, threads=threads)
     try:
         prompt_ids = [plain.tokenize(p) for p in prompts]
-        models: list[tuple[str, int | None, Any]] = [("teacher", None, plain)]
+        models: list[tuple[str, Path, int | None, Any]] = [("teacher", Path(teacher), None, plain)]
         loaded = []
         for path, label in zip(drafts, labels):
             draft = load(path, threads=threads)
             loaded.append(draft)
             vocabulary = VocabularyMap(plain, draft)
             for k in ks:
-                models.append((label, k, SpeculativeModel(plain, draft, k, vocabulary)))
+                models.append((label, Path(path), k, SpeculativeModel(plain, draft, k, vocabulary)))
         passes: dict[int, list[dict[str, Any]]] = {index: [] for index in range(len(models))}
         for repetition in range(repeat + 1):  # the first pass is a warm-up
-            for index, (_, _, model) in enumerate(models):
+            for index, (_, _, _, model) in enumerate(models):
                 result = _pass(model, prompt_ids, max_tokens)
                 if repetition:
                     passes[index].append(result)
@@ -157,14 +157,14 @@ def measure(
     base = _rate(passes[0])
     reference = passes[0][0]["outputs"]
     rows = []
-    for index, (label, k, _) in enumerate(models[1:], start=1):
+    for index, (label, path, k, _) in enumerate(models[1:], start=1):
         runs = passes[index]
         rate = _rate(runs)
         total = {key: sum(run[key] for run in runs) for key in ("tokens", "rounds", "drafted", "accepted")}
         rows.append(
             {
                 "draft": label,
-                "path": str(drafts[labels.index(label)]),
+                "path": str(path),
                 "draft_tokens": AUTO if k is None else k,
                 "decode_tps": rate,
                 "teacher_decode_tps": base,
@@ -195,29 +195,24 @@ def measure(
     }
 
 
-def _comma_ints(text: str) -> list[int]:
-    try:
-        values = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if any(not 1 <= v <= 16 for v in values):
-        raise argparse.ArgumentTypeError(f"expected integers from 1 to 16, got {text!r}")
-    return values
-
-
 def main(argv: list[str] | None = None) -> int:
+    from edgedistill.bench.harness import comma_ints, comma_names
+    from edgedistill.runtime.speculative import check_draft_tokens
+
     parser = argparse.ArgumentParser(prog="python -m edgedistill.bench.speculative", description=__doc__.split("\n")[0])
     parser.add_argument("teacher", type=Path, help="the teacher: .gguf, .onnx or ONNX export directory")
     parser.add_argument("--draft", type=Path, nargs="+", required=True, help="draft models (students)")
-    parser.add_argument("--labels", type=lambda t: [p.strip() for p in t.split(",")], default=None)
+    parser.add_argument("--labels", type=comma_names, default=None, help="comma-separated names, one per draft")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--draft-tokens", type=_comma_ints, default=DEFAULT_DRAFT_TOKENS, help="fixed k values")
+    parser.add_argument("--draft-tokens", type=comma_ints, default=DEFAULT_DRAFT_TOKENS, help="fixed k values, 1-16")
     parser.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--prompt", action="append", default=None, help="a prompt (repeatable)")
     parser.add_argument("--json", type=Path, default=None, help="also write the result here")
     args = parser.parse_args(argv)
     try:
+        for k in args.draft_tokens:
+            check_draft_tokens(k)
         if args.labels is not None and len(args.labels) != len(args.draft):
             raise EdgeDistillError(f"--labels: {len(args.labels)} labels for {len(args.draft)} drafts")
         for name, value, low in (

@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from edgedistill.bench.speculative import DEFAULT_PROMPTS as SAMPLE_PROMPTS
+from edgedistill.bench.speculative import DEFAULT_PROMPTS  # the drafts are timed on the report's sample prompts
 from edgedistill.config import setting
 from edgedistill.stages.base import (
     REPORT,
@@ -27,7 +27,6 @@ from edgedistill.stages.bench import BenchSettings, bench_result
 from edgedistill.stages.export import Artifact, ExportRecord
 
 SAMPLES = "samples.json"
-DEFAULT_PROMPTS = SAMPLE_PROMPTS  # the bench's drafts are measured on the same prompts
 
 
 @dataclass
