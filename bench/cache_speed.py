@@ -17,31 +17,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
-
-def _peak_rss_of(command: list[str]) -> tuple[int, float]:
-    """Run ``command``; return (exit code, peak RSS in MB sampled every 20 ms)."""
-    import psutil
-
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    watched = psutil.Process(process.pid)
-    peak = 0
-    while process.poll() is None:
-        try:
-            peak = max(peak, watched.memory_info().rss)
-        except psutil.NoSuchProcess:
-            break
-        time.sleep(0.02)
-    stderr = process.stderr.read() if process.stderr else ""
-    if process.returncode:
-        print(stderr[-2000:], file=sys.stderr)
-    return process.returncode, peak / 2**20
+from edgedistill.bench.rss import run_with_peak_rss
 
 
 def build_speed(args: argparse.Namespace) -> dict[str, Any]:
@@ -118,8 +99,9 @@ def step_speed(args: argparse.Namespace) -> dict[str, Any]:
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "run"
             command = [sys.executable, "-m", "edgedistill", "distill", *common, *extra, "--out", str(out)]
-            code, peak = _peak_rss_of(command)
+            code, peak, stderr = run_with_peak_rss(command)
             if code:
+                print(stderr[-2000:], file=sys.stderr)
                 raise SystemExit(f"{name} run failed with exit code {code}")
             rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         seconds = [r["seconds"] for r in rows[args.skip :]]

@@ -143,3 +143,26 @@ class RssSampler:
             "rss_samples": self.samples,
             "rss_rate_hz": self.rate_hz,
         }
+
+
+def run_with_peak_rss(command: list[str], interval_s: float = 0.02) -> tuple[int, float, str]:
+    """Run ``command`` (stdout discarded); (exit code, its peak RSS in MB sampled every ``interval_s``, stderr).
+
+    Sampled from outside with psutil rather than read from ``ru_maxrss``, which a child inherits from its parent."""
+    import subprocess
+    import tempfile
+
+    import psutil
+
+    with tempfile.TemporaryFile("w+") as errors:
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=errors, text=True)
+        watched = psutil.Process(process.pid)
+        peak = 0
+        while process.poll() is None:
+            try:
+                peak = max(peak, watched.memory_info().rss)
+            except psutil.NoSuchProcess:
+                break
+            time.sleep(interval_s)
+        errors.seek(0)
+        return process.returncode, peak / 2**20, errors.read()

@@ -128,17 +128,21 @@ def torch_topk(model: Any, top_k: int, vocab_size: int) -> TopK:
     def run(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         with torch.no_grad():
             logits = model(input_ids=torch.from_numpy(ids).long().to(model.device)).logits[..., :vocab_size]
-            return _topk_torch(logits.float(), top_k)
+            return _topk_torch(logits.float().contiguous(), top_k)
 
     return run
 
 
 def _topk_torch(logits: Any, top_k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Three reads of the [.., V] logits and no full-size copy: their log-normaliser, the top-K, and (after the
+    top-K entries are set to -inf in place, K writes a row) the tail's log-normaliser. ``logits`` is consumed."""
     import torch
 
-    log_probs = torch.log_softmax(logits, dim=-1)
-    values, indices = torch.topk(log_probs, top_k, dim=-1)  # sorted, largest first
-    tail = log_probs.scatter(-1, indices, float("-inf")).logsumexp(-1)
+    total = torch.logsumexp(logits, dim=-1)
+    values, indices = torch.topk(logits, top_k, dim=-1)  # sorted, largest first
+    logits.scatter_(-1, indices, float("-inf"))
+    tail = torch.logsumexp(logits, dim=-1) - total  # -inf when the top-K hold the whole vocabulary
+    values -= total.unsqueeze(-1)
     return indices.cpu().numpy(), values.cpu().numpy(), tail.cpu().numpy()
 
 

@@ -26,10 +26,18 @@ RESUMABLE_CHANGES = {"resume", "log_every", "save_every", "threads", "device", "
 
 
 def save_checkpoint(
-    out: Path, step: int, model: Any, optimizer: Any, scheduler: Any, config: TrainConfig, data_sha256: str
+    out: Path,
+    step: int,
+    model: Any,
+    optimizer: Any,
+    scheduler: Any,
+    config: TrainConfig,
+    data_sha256: str,
+    extra: dict[str, Any] | None = None,
 ) -> None:
     """``OUT/checkpoint.pt`` after ``step``: weights, optimizer and schedule state, the run's settings and data hash,
-    written to a temporary file and renamed into place."""
+    and ``extra`` entries of training state that are not the model's (feature distillation's projections), written
+    to a temporary file and renamed into place."""
     import torch
 
     # Only tensors and plain data (dicts, lists, numbers, strings): load_checkpoint reads it with weights_only.
@@ -41,6 +49,7 @@ def save_checkpoint(
         "config": config.to_dict(),
         "data_sha256": data_sha256,
         "version": __version__,
+        **(extra or {}),
     }
     tmp = temp_path(out, CHECKPOINT)
     try:
@@ -123,7 +132,13 @@ def plot_losses(metrics_path: Path, png_path: Path) -> None:
         return
     figure, axes = plt.subplots(figsize=(7, 4))
     steps = [r["step"] for r in rows]
-    for key, label in (("loss", "total"), ("ce", "CE"), ("kd", "KD")):
+    for key, label in (
+        ("loss", "total"),
+        ("ce", "CE"),
+        ("kd", "KD"),
+        ("feature", "feature"),
+        ("attention", "attention"),
+    ):
         values = [r.get(key) for r in rows]
         if all(v is not None for v in values):
             axes.plot(steps, values, label=label)

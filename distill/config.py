@@ -155,6 +155,9 @@ def parse_vocab(value: str, field: str = "vocab") -> int | None:
 
 
 LOSSES = ("fkl", "rkl", "jsd", "skl", "srkl")
+# Hidden-state distillation losses (distill/feature_losses.py:FEATURE_LOSSES; tests/test_feature_distill.py checks
+# that the two agree)
+FEATURE_LOSSES = ("mse", "cosine")
 INITS = ("random", "teacher", "prune")
 DTYPES = ("auto", "float32", "bfloat16")
 # torch.manual_seed takes a 64-bit seed; the sampler's generator a signed one
@@ -200,6 +203,9 @@ class TrainConfig(FlagConfig):
     )
     # seed: MiniMind's default
     alpha: float = setting(0.5, "weight of CE in alpha*CE + (1-alpha)*KD (1 = no distillation)")
+    logit_weight: float = setting(
+        1.0, "multiplier of the logit term alpha*CE + (1-alpha)*KD (0: only the feature/attention terms)"
+    )
     # seed: MiniMind's train_distillation.py default
     temperature: float = setting(1.0, "softmax temperature T of the KD term (scaled by T^2)")
     loss: str = setting(
@@ -221,7 +227,7 @@ class TrainConfig(FlagConfig):
         "keep the token embedding and the LM head fixed (for a student derived from the teacher, whose rows are "
         "the teacher's): no head weight gradient and no optimizer state for them",
     )
-    steps: int = setting(200, "optimizer steps")
+    steps: int = setting(200, "optimizer steps (with --schedule: the sum of its phases' steps, whatever this says)")
     batch_size: int = setting(8, "sequences per micro-batch per process")
     seq_len: int = setting(256, "tokens per packed sequence")
     grad_accum: int = setting(1, "micro-batches per optimizer step")
@@ -251,6 +257,53 @@ class TrainConfig(FlagConfig):
     )
     skip_bad_lines: bool = setting(False, "count and skip malformed data lines instead of stopping")
     log_every: int = setting(1, "write a metrics.jsonl row every N steps (and at the last step)")
+    # Feature and attention-relation distillation (distill/feature_losses.py); both read the online teacher's
+    # intermediate states from the forward pass that the KD term already runs.
+    feature_weight: float = setting(
+        0.0,
+        "weight W of the hidden-state term added to the loss (0: off): each matched student layer's output "
+        "(the residual stream, before the final norm), through a learned width projection dropped at save time, "
+        "against its teacher layer's, at the supervised positions; needs an online teacher (no --teacher-cache)",
+    )
+    feature_loss: str = setting(
+        "mse",
+        "mse (||P h_s - h_t||^2 / d_t: raw residual streams are large, about 2e3 for SmolLM2-135M against a pruned "
+        "student, so scale --feature-weight to about 1e-3) or cosine (1 - cos(P h_s, h_t), scale-free)",
+    )
+    feature_layers: str = setting(
+        "auto",
+        "auto (every student layer: a student pruned from this teacher matches the teacher layers it kept, "
+        "others student i -> teacher round((i+1)*Lt/Ls)-1) or comma-separated S:T pairs or student indices S "
+        "(teacher by the same rule), e.g. 3:8,7:16",
+    )
+    attention_weight: float = setting(
+        0.0,
+        "weight W of the MiniLMv2 attention-relation term (0: off): KL(teacher || student) of the causal "
+        "softmax(X X^T / sqrt(d_r)) of the pre-RoPE Q, K and V projections, split into relation heads; memory: "
+        "about 4*B*R*L^2*(6*layers + 3) bytes (B batch, R relation heads, L seq len); needs an online teacher",
+    )
+    attention_layers: str = setting(
+        "last",
+        "last (the student's last layer with the teacher's last) or S:T pairs / student indices S as --feature-layers",
+    )
+    relation_heads: int = setting(
+        0,
+        "relation heads R of the attention term; must divide the q and k/v widths of both models (0: the largest "
+        "such R not above the teacher's attention head count)",
+    )
+    # On-policy distillation (GKD) and phase schedules: distill/on_policy.py, distill/schedule.py
+    on_policy_fraction: float = setting(
+        0.0,
+        "share of optimizer steps that are on-policy (GKD; 0: none): the student samples the second half of each "
+        "sequence (temperature 1) from its first half and the loss is --loss (jsd or rkl as GKD; fkl works too) "
+        "times --logit-weight on the sampled positions only, no CE; feature/attention terms apply there too; "
+        "needs an online teacher",
+    )
+    schedule: str = setting(
+        "",
+        "a TOML file of [[phase]] tables (name, steps, and per-phase data, alpha, temperature, loss, logit_weight, "
+        "feature_*, attention_*, relation_heads, on_policy_fraction); the run's steps are the sum of the phases'",
+    )
 
     def __post_init__(self) -> None:
         def bad(name: str, expected: str) -> EdgeDistillError:
@@ -302,10 +355,83 @@ class TrainConfig(FlagConfig):
         if not 0 <= self.seed <= MAX_SEED:
             raise bad("seed", f"an integer in [0, {MAX_SEED}]")
         check_device(self.device)
+        self._check_state_terms(bad)
+        self._check_on_policy(bad)
+
+    def _check_on_policy(self, bad: Any) -> None:
+        """The logit weight, the on-policy share and the schedule (which sets ``steps`` and :attr:`phases`)."""
+        if not 0 <= self.logit_weight <= FLOAT32_MAX:
+            raise bad("logit_weight", "a non-negative number (0: only the feature/attention terms)")
+        if not 0.0 <= self.on_policy_fraction <= 1.0:
+            raise bad("on_policy_fraction", "a number in [0, 1]")
+        if self.on_policy_fraction > 0 and self.teacher_cache:
+            raise EdgeDistillError(
+                "on_policy_fraction: on-policy steps need the teacher to score the student's own samples, which a "
+                "--teacher-cache run cannot; run the teacher online or set it to 0"
+            )
+        self.phases: list[Any] = []
+        if self.schedule:
+            from edgedistill.distill.schedule import load_schedule
+
+            self.phases = load_schedule(self.schedule, self)
+            self.steps = sum(phase.steps for phase in self.phases)
+
+    @property
+    def phase_configs(self) -> list[TrainConfig]:
+        """The settings of every phase (this run's own when it has no schedule)."""
+        return [phase.config for phase in self.phases] or [self]
+
+    @property
+    def needs_teacher_model(self) -> bool:
+        """Whether some step needs the teacher's output: KD, on-policy steps or a feature/attention term."""
+        return any(c.alpha < 1.0 or c.uses_teacher_states or c.on_policy_fraction > 0 for c in self.phase_configs)
+
+    def _check_state_terms(self, bad: Any) -> None:
+        """The feature and attention terms' settings; their ranges against the models are checked at setup."""
+        for name in ("feature_weight", "attention_weight"):
+            if not 0 <= getattr(self, name) <= FLOAT32_MAX:
+                raise bad(name, "a non-negative number (0: off)")
+        if self.feature_loss not in FEATURE_LOSSES:
+            raise bad("feature_loss", f"one of {', '.join(FEATURE_LOSSES)}")
+        parse_layer_pairs(self.feature_layers, "feature_layers", ("auto",))
+        parse_layer_pairs(self.attention_layers, "attention_layers", ("last",))
+        if self.relation_heads < 0:
+            raise bad("relation_heads", "0 (automatic) or a positive integer")
+        for name in ("feature_weight", "attention_weight"):
+            if getattr(self, name) > 0 and self.teacher_cache:
+                raise EdgeDistillError(
+                    f"{name}: needs the teacher's hidden states, which a --teacher-cache run does not have (the cache "
+                    "holds its top-K only); run the teacher online or set it to 0"
+                )
+
+    @property
+    def uses_teacher_states(self) -> bool:
+        """Whether a term reads the teacher's intermediate states (feature or attention distillation)."""
+        return self.feature_weight > 0 or self.attention_weight > 0
 
     @property
     def warmup(self) -> int:
         return self.warmup_steps if self.warmup_steps >= 0 else max(1, self.steps // 20)
+
+
+def parse_layer_pairs(value: str, field: str, keywords: tuple[str, ...]) -> str | list[tuple[int, int | None]]:
+    """``--feature-layers`` / ``--attention-layers``: one of ``keywords`` (returned as is), or comma-separated
+    ``S:T`` pairs and student indices ``S`` -> [(S, T or None)] (None: the teacher layer chosen by the rule)."""
+    text = str(value).strip().lower()
+    if text in keywords:
+        return text
+    expected = f"{' or '.join(keywords)} or comma-separated layer indices S or pairs S:T (e.g. 3:8,7:16)"
+    pairs: list[tuple[int, int | None]] = []
+    for item in text.split(","):
+        parts = [p.strip() for p in item.split(":")]
+        if len(parts) > 2 or not all(p.isascii() and p.isdigit() for p in parts):  # no sign, no blank
+            raise EdgeDistillError(f"{field}: expected {expected}, got {value!r}")
+        pairs.append((int(parts[0]), int(parts[1]) if len(parts) == 2 else None))
+    students = [s for s, _ in pairs]
+    twice = next((s for i, s in enumerate(students) if s in students[:i]), None)
+    if twice is not None:
+        raise EdgeDistillError(f"{field}: student layer {twice} is listed twice in {value!r}")
+    return pairs
 
 
 @dataclass

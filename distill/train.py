@@ -150,11 +150,12 @@ def supervised_batch(data: PackedData, rows: list[int] | slice, device: Any) -> 
     return ids[:, :-1].to(device), positions.to(device), labels.to(device), weights[positions].to(device)
 
 
-def make_optimizer(student: Any, config: TrainConfig) -> tuple[Any, Any]:
-    """AdamW (no weight decay on norms) and the warm-up + cosine schedule."""
+def make_optimizer(student: Any, config: TrainConfig, extra: Any = ()) -> tuple[Any, Any]:
+    """AdamW (no weight decay on norms) and the warm-up + cosine schedule; ``extra`` parameters (feature
+    distillation's projections) train with the student, after its own."""
     import torch
 
-    trained = [p for p in student.parameters() if p.requires_grad]
+    trained = [p for p in [*student.parameters(), *extra] if p.requires_grad]
     decay = [p for p in trained if p.ndim >= 2]
     no_decay = [p for p in trained if p.ndim < 2]
     optimizer = torch.optim.AdamW(
@@ -169,21 +170,24 @@ def train_step(
     objective: Any, micro_batches: list[tuple[Any, ...]], optimizer: Any, scheduler: Any, grad_clip: float
 ) -> tuple[list[float], float]:
     """One optimizer step over ``micro_batches`` of (inputs, positions, labels, weights, teacher signal) — gradient
-    accumulation; returns ([loss, ce, kd] means, grad norm). ``objective`` (a :class:`DistillationObjective`,
-    possibly inside DistributedDataParallel) returns the loss; gradients are all-reduced on the last micro-batch.
+    accumulation; returns ([loss, ce, kd, *terms] means, grad norm). ``objective`` (a
+    :class:`DistillationObjective`, or a :class:`~edgedistill.distill.feature_losses.StateDistillation` that adds
+    the feature and attention terms, possibly inside DistributedDataParallel) returns the loss (and those terms);
+    gradients are all-reduced on the last micro-batch.
     """
     import torch
 
-    sums = [0.0, 0.0, 0.0]
+    sums: list[float] = []
     count = len(micro_batches)
     for index, (inputs, positions, labels, weights, teacher) in enumerate(micro_batches):
         defer_sync = index < count - 1 and hasattr(objective, "no_sync")
         with objective.no_sync() if defer_sync else contextlib.nullcontext():
-            loss, ce, kd = objective(inputs, positions, labels, weights, teacher)
+            loss, ce, kd, *terms = objective(inputs, positions, labels, weights, teacher)
             (loss / count).backward()
-        sums[0] += loss.item() / count
-        sums[1] += ce.item() / count
-        sums[2] += (kd.item() if kd is not None else 0.0) / count
+        values = [loss.item(), ce.item(), kd.item() if kd is not None else 0.0, *(term.item() for term in terms)]
+        sums = sums or [0.0] * len(values)
+        for position, value in enumerate(values):
+            sums[position] += value / count
     grad_norm = torch.nn.utils.clip_grad_norm_(objective.parameters(), grad_clip or float("inf"))
     if not math.isfinite(float(grad_norm)):
         # the step would write NaN into every weight; the gradients are all-reduced, so every rank stops here
@@ -204,8 +208,10 @@ class NonFiniteLoss(EdgeDistillError):
 
 
 def _first_non_finite(sums: list[float]) -> tuple[str, float] | None:
-    """(name, value) of the first non-finite of the step's [loss, ce, kd] means, the parts before the total."""
-    for name, value in (("CE loss", sums[1]), ("KD loss", sums[2]), ("total loss", sums[0])):
+    """(name, value) of the first non-finite of the step's [loss, ce, kd, *terms] means, the parts before the
+    total."""
+    parts = [("CE loss", sums[1]), ("KD loss", sums[2])] + [("feature/attention loss", v) for v in sums[3:]]
+    for name, value in (*parts, ("total loss", sums[0])):
         if not math.isfinite(value):
             return name, value
     return None
@@ -387,6 +393,8 @@ class _Run:
     outside: PackedData | None = None  # --eval-data, loaded before training (rank 0) so a bad file fails early
     vocab_map: Any = None  # a trimmed student's VocabMap (``tokenizer`` is then the student's); None: the teacher's
     mapper: Any = None  # its TeacherMapper on the device
+    states: Any = None  # the StateDistillation adding feature / attention terms (unwrapped); None: neither
+    plan: Any = None  # the schedule.Plan: each step's phase, data, batch order and on-policy choice
 
     @property
     def start_step(self) -> int:
@@ -433,6 +441,12 @@ def _setup(config: TrainConfig, dist: _Distributed, out: Path) -> _Run:
     release_free_memory()
 
     objective: Any = DistillationObjective(student, config, dtype=resolve_dtype(config.precision, device))
+    states = None
+    if any(c.uses_teacher_states for c in config.phase_configs):  # --init prune's record is rank 0's: read it
+        from edgedistill.distill.feature_losses import build_state_distillation
+
+        dist.barrier()
+        objective = states = build_state_distillation(objective, teacher, config, out, teacher_info.get("sha256"))
     if dist.world_size > 1:
         from torch.nn.parallel import DistributedDataParallel
 
@@ -443,12 +457,16 @@ def _setup(config: TrainConfig, dist: _Distributed, out: Path) -> _Run:
 
         mapper = TeacherMapper(vocab_map, device)
     if cache is not None:
-        teacher_for: TeacherFor | None = cached_teacher(cache, mapper) if config.alpha < 1.0 else None
+        kd = any(c.alpha < 1.0 for c in config.phase_configs)
+        teacher_for: TeacherFor | None = cached_teacher(cache, mapper) if kd else None
     else:
         teacher_for = online_teacher(teacher, mapper) if teacher is not None else None
+    if states is not None and teacher_for is not None:
+        teacher_for = states.teacher_provider(teacher_for)
 
-    optimizer, scheduler = make_optimizer(student, config)
-    resumed_step = _restore(out, config, stats.sha256, student, optimizer, scheduler, dist.is_main)
+    plan = _plan(config, dist, train_data, stats, student_tokenizer)
+    optimizer, scheduler = make_optimizer(student, config, states.projections.parameters() if states else ())
+    resumed_step = _restore(out, config, stats.sha256, student, optimizer, scheduler, dist.is_main, states, plan)
     dist.barrier()
     return _Run(
         out=out,
@@ -471,7 +489,24 @@ def _setup(config: TrainConfig, dist: _Distributed, out: Path) -> _Run:
         outside=outside,
         vocab_map=vocab_map,
         mapper=mapper,
+        states=states,
+        plan=plan,
     )
+
+
+def _plan(config: TrainConfig, dist: _Distributed, train_data: PackedData, stats: DataStats, tokenizer: Any) -> Any:
+    """The run's :class:`~edgedistill.distill.schedule.Plan`: a phase's own data in ``tokenizer`` (the student's),
+    each phase's batch order seeded by (seed, phase index)."""
+    from edgedistill.distill.schedule import Plan, phase_seed
+
+    def load(phase_config: TrainConfig) -> tuple[PackedData, str]:
+        data, _, phase_stats = _load_run_data(phase_config, tokenizer)
+        return data, phase_stats.sha256
+
+    def order(rows: int, index: int) -> BatchOrder:
+        return BatchOrder(rows, config.batch_size, phase_seed(config.seed, index), dist.world_size, dist.rank)
+
+    return Plan(config, train_data, stats.sha256, load, order)
 
 
 def _resolve_teacher(config: TrainConfig) -> tuple[Any, teachers.TeacherSource | None, Any, Any, dict[str, Any]]:
@@ -621,7 +656,8 @@ def _training_teacher(
 
     from edgedistill.distill.heads import resolve_dtype
 
-    needs_teacher = config.alpha < 1.0 and source is not None and not config.teacher_cache
+    needs_teacher = config.needs_teacher_model and source is not None
+    needs_teacher = needs_teacher and not config.teacher_cache
     if config.init in ("teacher", "prune"):
         teacher = teachers.load_model(source, torch.float32, device)
         if config.init == "teacher":
@@ -684,10 +720,19 @@ def _derive(
 
 
 def _restore(
-    out: Path, config: TrainConfig, data_sha256: str, student: Any, optimizer: Any, scheduler: Any, is_main: bool
+    out: Path,
+    config: TrainConfig,
+    data_sha256: str,
+    student: Any,
+    optimizer: Any,
+    scheduler: Any,
+    is_main: bool,
+    states: Any = None,
+    plan: Any = None,
 ) -> int | None:
-    """Load a resumed run's checkpoint into the student, optimizer and scheduler and return its step, after dropping
-    the metrics rows of later steps; None for a fresh run, whose stale metrics file is removed."""
+    """Load a resumed run's checkpoint into the student, optimizer, scheduler (and ``states``' projections) and
+    return its step, after dropping the metrics rows of later steps; None for a fresh run, whose stale metrics file
+    is removed."""
     metrics_path = out / METRICS
     state = load_checkpoint(out, config, data_sha256) if config.resume else None
     if state is None:
@@ -698,6 +743,10 @@ def _restore(
         student.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        if states is not None:
+            states.load_checkpoint_state(state)
+        if plan is not None:
+            plan.check_resumed(state, out)
     except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as err:
         detail = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
         raise EdgeDistillError(f"resume: {out / CHECKPOINT} does not fit this run ({detail})") from None
@@ -714,7 +763,6 @@ def _train_loop(
     step's metrics (empty when the run resumed from its final step's checkpoint) and the loop's seconds."""
     from tqdm import tqdm
 
-    order = BatchOrder(run.train_data.num_sequences, config.batch_size, config.seed, dist.world_size, dist.rank)
     tokens_per_step = _tokens_per_step(config, dist.world_size)
     progress_bar = tqdm(
         total=config.steps,
@@ -729,25 +777,31 @@ def _train_loop(
     with progress_bar as bar:  # closed before an error is printed, so it ends its own line
         for step in range(run.start_step + 1, config.steps + 1):
             step_start = time.perf_counter()
+            phase = run.plan.apply(step, run.objective, run.states)
+            on_policy = run.plan.on_policy(step)
             try:
-                (loss_value, ce_value, kd_value), grad_norm = _optimizer_step(run, config, dist, order, step)
+                (loss_value, ce_value, kd_value, *term_values), grad_norm = _optimizer_step(
+                    run, config, dist, step, phase.config, on_policy
+                )
             except NonFiniteLoss as err:
                 raise _stopped(step, err, run.out, last_saved) from None
             seconds = time.perf_counter() - step_start
             metrics = {
                 "step": step,
                 "loss": loss_value,
-                "ce": ce_value,
-                "kd": kd_value if run.teacher_for is not None else None,
+                "ce": None if on_policy else ce_value,  # no ground truth for the student's samples
+                "kd": kd_value if run.teacher_for is not None and (on_policy or phase.config.alpha < 1.0) else None,
+                **dict(zip(run.states.term_names if run.states is not None else (), term_values)),
                 "lr": run.scheduler.get_last_lr()[0],
                 "grad_norm": grad_norm,
                 "seconds": seconds,
                 "tokens_per_second": tokens_per_step / seconds,
+                **run.plan.row(phase, on_policy),
             }
             if dist.is_main:
                 last_saved = _log_and_checkpoint(run, config, step, metrics, last_saved)
                 postfix = {"loss": f"{loss_value:.3f}", "ce": f"{ce_value:.3f}"}
-                if run.teacher_for is not None:
+                if metrics["kd"] is not None:
                     postfix["kd"] = f"{kd_value:.3f}"
                 postfix["tok/s"] = f"{metrics['tokens_per_second']:.0f}"
                 bar.set_postfix(postfix, refresh=False)
@@ -762,17 +816,29 @@ def _tokens_per_step(config: TrainConfig, world_size: int) -> int:
 
 
 def _optimizer_step(
-    run: _Run, config: TrainConfig, dist: _Distributed, order: BatchOrder, step: int
+    run: _Run, config: TrainConfig, dist: _Distributed, step: int, phase: TrainConfig, on_policy: bool = False
 ) -> tuple[list[float], float]:
-    """Step ``step``: its ``grad_accum`` micro-batches with the teacher's signal, one :func:`train_step`, and the
-    ([loss, ce, kd] means over ranks, grad norm). A non-finite mean raises :class:`NonFiniteLoss` on every rank."""
+    """Step ``step`` of a phase with settings ``phase``: its ``grad_accum`` micro-batches (the student's samples on
+    an on-policy step, :mod:`~edgedistill.distill.on_policy`) with the teacher's signal, one :func:`train_step`,
+    and the ([loss, ce, kd, *terms] means over ranks, grad norm). A non-finite mean raises :class:`NonFiniteLoss`
+    on every rank."""
+    from edgedistill.distill import on_policy as gkd
+
+    generator = gkd.generator(run.device, config.seed, step, dist.rank) if on_policy else None
+    wants_signal = on_policy or phase.alpha < 1.0 or phase.uses_teacher_states
     micro_batches = []
     for micro in range(config.grad_accum):
-        rows = order.rows((step - 1) * config.grad_accum + micro)
-        inputs, positions, labels, weights = supervised_batch(run.train_data, rows, run.device)
-        signal = run.teacher_for("train", rows, inputs, positions) if run.teacher_for is not None else None
+        data, rows = run.plan.batch_rows(step, micro)
+        if on_policy:
+            inputs, positions, labels, weights = gkd.on_policy_batch(run.student, data, rows, generator, run.objective)
+        else:
+            inputs, positions, labels, weights = supervised_batch(data, rows, run.device)
+        signal = None
+        if run.teacher_for is not None and wants_signal:
+            signal = run.teacher_for("train", rows, inputs, positions)
         micro_batches.append((inputs, positions, labels, weights, signal))
-    sums, grad_norm = train_step(run.objective, micro_batches, run.optimizer, run.scheduler, config.grad_clip)
+    with gkd.divergence_only(run.objective, run.states) if on_policy else contextlib.nullcontext():
+        sums, grad_norm = train_step(run.objective, micro_batches, run.optimizer, run.scheduler, config.grad_clip)
     means = dist.all_mean(sums)
     non_finite = _first_non_finite(means)
     if non_finite:  # the mean over ranks, so that every rank stops at the same step
@@ -792,7 +858,9 @@ def _log_and_checkpoint(
     if step % config.save_every == 0 or step == config.steps:
         try:
             _check_weights(run.student)  # a step that broke a weight must not replace the last good checkpoint
-            save_checkpoint(run.out, step, run.student, run.optimizer, run.scheduler, config, run.stats.sha256)
+            extra = run.states.checkpoint_state() if run.states is not None else {}  # feature projections
+            extra = {**extra, **run.plan.checkpoint_state()}  # a schedule's phases
+            save_checkpoint(run.out, step, run.student, run.optimizer, run.scheduler, config, run.stats.sha256, extra)
         except NonFiniteLoss as err:
             raise _stopped(step, err, run.out, last_saved) from None
         return step
@@ -884,6 +952,8 @@ def _summary(
             "final": final_metrics,
             "world_size": world_size,
             "device": str(run.device),
+            **({"terms": run.states.describe(config)} if run.states is not None else {}),
+            **run.plan.describe(),
         },
         "heldout": heldout,
         "outside": outside,

@@ -132,6 +132,50 @@ COMMANDS["prune"] = (
     _cmd_prune,
 )
 COMMANDS["teacher-cache"] = ("run the teacher once and store its top-K for many students", _cache_args, _cmd_cache)
+
+
+def _teacher_data_args(parser: argparse.ArgumentParser) -> None:
+    from edgedistill.distill.teacher_data import TeacherDataConfig
+
+    TeacherDataConfig.add_flags(parser)
+
+
+def _cmd_teacher_data(args: argparse.Namespace) -> int:
+    from edgedistill.distill.teacher_data import TeacherDataConfig, make_teacher_data
+
+    config = TeacherDataConfig.from_args(args)
+    manifest = make_teacher_data(config)
+    generation, single = manifest["generation"], manifest["single_sequence"]
+    if manifest.get("already_complete"):
+        print(f"{config.out} is already complete with these settings: {manifest['records']} answers")
+    else:
+        print(
+            f"{manifest['records']} answers written to {config.out} ({manifest['answers']['tokens']} tokens, "
+            f"{generation['seconds']:.0f} s); decoding {manifest['llama_cpp']['sequences']} sequences together: "
+            f"{generation['decode_tokens_per_second']:.1f} tokens/s ({generation['decode_tokens_per_cpu_second']:.1f} "
+            f"per CPU second), one at a time: {single['decode_tokens_per_second']:.1f} "
+            f"({single['decode_tokens_per_cpu_second']:.1f})"
+        )
+    summary = {
+        "out": config.out,
+        "records": manifest["records"],
+        "tokens": manifest["answers"]["tokens"],
+        "tokens_per_second": generation["tokens_per_second"],
+        "decode_tokens_per_second": generation["decode_tokens_per_second"],
+        "decode_tokens_per_cpu_second": generation["decode_tokens_per_cpu_second"],
+        "single_sequence_decode_tokens_per_second": single["decode_tokens_per_second"],
+        "single_sequence_decode_tokens_per_cpu_second": single["decode_tokens_per_cpu_second"],
+        "batching_speedup": manifest["batching_speedup"],
+    }
+    print(json.dumps(summary))
+    return 0
+
+
+COMMANDS["teacher-data"] = (
+    "the teacher answers a prompt set (batched in llama.cpp): chat data for distill --data",
+    _teacher_data_args,
+    _cmd_teacher_data,
+)
 COMMANDS["generate"] = (
     "generate text from a .gguf or ONNX model",
     _runtime("add_generate_args"),

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import re
@@ -240,3 +241,13 @@ def claim(directory: Path, what: str = "--out") -> Iterator[Path]:
                 lock_path.unlink()
     finally:
         os.close(fd)
+
+
+def sha256_file(*paths: Path) -> str:
+    """sha256 of the files' bytes, read in 4 MiB blocks (several files: one digest over them in order)."""
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 22), b""):
+                digest.update(block)
+    return digest.hexdigest()

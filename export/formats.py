@@ -29,9 +29,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from edgedistill.deps import require
 from edgedistill.errors import EdgeDistillError
-from edgedistill.export.manifest import ArtifactRecord, StagedArtifact, sha256_file, tool_versions
+from edgedistill.export.manifest import ArtifactRecord, StagedArtifact, tool_versions
 from edgedistill.export.parity import ParityReport, Reference, Thresholds, TokenizerProbes
-from edgedistill.files import remove_path, temp_path
+from edgedistill.files import remove_path, sha256_file, temp_path
 
 if TYPE_CHECKING:
     from edgedistill.export.source import ExportSource, LoadedModel

@@ -65,11 +65,11 @@ class GgufQuant:
 GGUF_QUANTS: dict[str, GgufQuant] = {
     "f32": GgufQuant("LLAMA_FTYPE_ALL_F32", Thresholds(1e-2, 1e-3, min_top1=1.0, greedy_equal=True)),
     "f16": GgufQuant("LLAMA_FTYPE_MOSTLY_F16", Thresholds(0.5, 0.05, min_top1=0.98, greedy_equal=True)),
-    "q8_0": GgufQuant("LLAMA_FTYPE_MOSTLY_Q8_0", Thresholds(6.0, 0.6, min_top1=0.9, greedy_equal=False)),
-    "q6_k": GgufQuant("LLAMA_FTYPE_MOSTLY_Q6_K", Thresholds(12.0, 1.0, min_top1=0.85, greedy_equal=False)),
-    "q5_k_m": GgufQuant("LLAMA_FTYPE_MOSTLY_Q5_K_M", Thresholds(24.0, 2.0, min_top1=0.75, greedy_equal=False)),
-    "q4_k_m": GgufQuant("LLAMA_FTYPE_MOSTLY_Q4_K_M", Thresholds(24.0, 2.0, min_top1=0.75, greedy_equal=False)),
-    "q4_0": GgufQuant("LLAMA_FTYPE_MOSTLY_Q4_0", Thresholds(32.0, 3.5, min_top1=0.55, greedy_equal=False)),
+    "q8_0": GgufQuant("LLAMA_FTYPE_MOSTLY_Q8_0", Thresholds.lossy(6.0, 0.6, min_top1=0.9)),
+    "q6_k": GgufQuant("LLAMA_FTYPE_MOSTLY_Q6_K", Thresholds.lossy(12.0, 1.0, min_top1=0.85)),
+    "q5_k_m": GgufQuant("LLAMA_FTYPE_MOSTLY_Q5_K_M", Thresholds.lossy(24.0, 2.0, min_top1=0.75)),
+    "q4_k_m": GgufQuant("LLAMA_FTYPE_MOSTLY_Q4_K_M", Thresholds.lossy(24.0, 2.0, min_top1=0.75)),
+    "q4_0": GgufQuant("LLAMA_FTYPE_MOSTLY_Q4_0", Thresholds.lossy(32.0, 3.5, min_top1=0.55)),
 }
 DEFAULT_GGUF_QUANTS = ("f16", "q8_0", "q4_k_m")
 

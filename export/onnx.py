@@ -60,11 +60,11 @@ ONNX_QUANTS: dict[str, OnnxQuant] = {
     "fp32": OnnxQuant("optimum export", Thresholds(1e-2, 1e-3, min_top1=1.0, greedy_equal=True)),
     "int8": OnnxQuant(
         "quantize_dynamic int8, per-channel weights; MLP down projections int8 weight-only",
-        Thresholds(16.0, 2.0, min_top1=0.8, greedy_equal=False),
+        Thresholds.lossy(16.0, 2.0, min_top1=0.8),
     ),
     "int4": OnnxQuant(
         "MatMulNBits 4-bit, block 32, symmetric; v and MLP down projections 8-bit",
-        Thresholds(24.0, 2.5, min_top1=0.65, greedy_equal=False),
+        Thresholds.lossy(24.0, 2.5, min_top1=0.65),
     ),
 }
 DEFAULT_ONNX_QUANTS = ("fp32", "int8", "int4")

@@ -36,6 +36,15 @@ GREEDY_TOKENS = 32
 # Greedy continuations are compared on the first prompts only: each costs 32 sequential decode steps.
 GREEDY_PROMPTS = 3
 MIN_PROBE_STRINGS = 200
+# Lossy formats round activations to 8 bits in blocks (llama.cpp's q8 dot products, onnxruntime's dynamic int8). A
+# position where one channel carries a "massive activation" (hundreds to thousands, against tens elsewhere) loses
+# the rest of its block to that rounding, and that one position's logits can be off by the logits' own size while
+# every other position is fine. Measured on the demo's derived `small` (2026-12-04), per-position largest
+# difference over 265 probe positions: q8_0 median 0.51, 99th percentile 2.27, one position 27.5 (a channel at
+# 993 after layer 10; 17,480 on the first token); q4_k_m 1.89 / 10.5 / 36.6. A broken export is off everywhere
+# (q/k in the wrong layout: mean 5.3, top-1 0.57), so the lossy formats' bound on the largest difference holds for
+# all but 1 % of positions, and the true largest difference is still reported.
+ACTIVATION_OUTLIERS = 0.01
 
 
 @dataclass(frozen=True)
@@ -50,12 +59,15 @@ class Thresholds:
             separates a quantized model from a broken one.
         min_top1: the smallest share of probe positions at which the artifact's argmax equals PyTorch's.
         greedy_equal: whether the 32 greedy tokens must equal PyTorch's on every greedy prompt (lossless formats).
+        outlier_share: the share of probe positions whose largest difference may exceed ``max_logit_diff``
+            (:data:`ACTIVATION_OUTLIERS` for the lossy formats, 0 for the lossless ones).
     """
 
     max_logit_diff: float
     max_mean_logit_diff: float
     min_top1: float
     greedy_equal: bool
+    outlier_share: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.max_logit_diff > 0:
@@ -64,6 +76,13 @@ class Thresholds:
             raise ValueError(f"max_mean_logit_diff must lie in (0, max_logit_diff], got {self.max_mean_logit_diff!r}")
         if not 0 <= self.min_top1 <= 1:
             raise ValueError(f"min_top1 must lie in [0, 1], got {self.min_top1!r}")
+        if not 0 <= self.outlier_share < 0.5:
+            raise ValueError(f"outlier_share must lie in [0, 0.5), got {self.outlier_share!r}")
+
+    @classmethod
+    def lossy(cls, max_logit_diff: float, max_mean_logit_diff: float, min_top1: float) -> Thresholds:
+        """A lossy format's: greedy text may differ, and 1 % of positions may exceed ``max_logit_diff``."""
+        return cls(max_logit_diff, max_mean_logit_diff, min_top1, greedy_equal=False, outlier_share=ACTIVATION_OUTLIERS)
 
 
 @dataclass
@@ -86,6 +105,7 @@ class ParityReport:
     """An artifact's parity figures as they go into the manifest."""
 
     max_logit_diff: float
+    positions_over_max: int  # probe positions whose largest difference exceeds the threshold's max_logit_diff
     mean_logit_diff: float
     top1_agreement: float
     positions: int
@@ -287,6 +307,16 @@ def compare_logits(reference: list[np.ndarray], candidate: list[np.ndarray]) -> 
     return max_diff, total_diff / entries, agree / positions, positions
 
 
+def position_max_diffs(reference: list[np.ndarray], candidate: list[np.ndarray]) -> np.ndarray:
+    """The largest absolute logit difference at each probe position, all prompts concatenated: ``[positions]``."""
+    return np.concatenate(
+        [
+            np.abs(np.asarray(ref, dtype=np.float64) - np.asarray(cand, dtype=np.float32)).max(-1)
+            for ref, cand in zip(reference, candidate, strict=True)
+        ]
+    )
+
+
 def common_prefix(a: list[int], b: list[int]) -> int:
     """Number of leading tokens two sequences share."""
     count = 0
@@ -320,8 +350,13 @@ def judge(
     """
     max_diff, mean_diff, top1, positions = compare_logits(reference.logits, logits)
     failures = []
-    if not max_diff <= thresholds.max_logit_diff:
-        failures.append(f"max |logit diff| {max_diff:.4g} > {thresholds.max_logit_diff}")
+    over = int(np.sum(~(position_max_diffs(reference.logits, logits) <= thresholds.max_logit_diff)))
+    allowed = int(thresholds.outlier_share * positions)
+    if over > allowed:
+        failures.append(
+            f"max |logit diff| {max_diff:.4g} > {thresholds.max_logit_diff}"
+            + (f" at {over} of {positions} positions (at most {allowed} may be)" if allowed else "")
+        )
     if not mean_diff <= thresholds.max_mean_logit_diff:
         failures.append(f"mean |logit diff| {mean_diff:.4g} > {thresholds.max_mean_logit_diff}")
     if top1 < thresholds.min_top1:
@@ -342,6 +377,7 @@ def judge(
         failures.append("tokenizer differs from Hugging Face's on the probe prompts with special tokens added")
     return ParityReport(
         max_logit_diff=max_diff,
+        positions_over_max=over,
         mean_logit_diff=mean_diff,
         top1_agreement=top1,
         positions=positions,

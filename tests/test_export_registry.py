@@ -273,3 +273,32 @@ def test_config_file_errors_name_the_file(tmp_path, text, message):
         _recipe("gguf", "m", "--out", "o", "--config", str(config))
     assert str(info.value).startswith(f"{config}") and message in str(info.value)
     assert "\n" not in str(info.value)
+
+
+# ------------------------------------------------------------------------------- parity's outlier allowance
+def _judged(thresholds, outliers, positions=200, size=50.0):
+    """Judge a candidate equal to the reference but off by ``size`` at ``outliers`` of ``positions`` positions."""
+    from edgedistill.export.parity import Reference
+
+    rng = np.random.default_rng(0)
+    reference = rng.normal(size=(positions, 16)).astype(np.float32)
+    candidate = reference.copy()
+    candidate[:outliers, 3] += size  # position by position: one entry far off, the argmax kept
+    candidate[:outliers, 3] = np.minimum(candidate[:outliers, 3], reference[:outliers].max(-1) - 1e-3)
+    candidate[:outliers, 5] -= size
+    return judge(thresholds, Reference([[0] * positions], [reference], []), [candidate], None, 1, 1)
+
+
+def test_lossy_formats_allow_one_percent_of_positions_over_the_largest_difference():
+    lossy = Thresholds.lossy(6.0, 0.6, min_top1=0.9)
+    assert lossy.outlier_share == 0.01 and not lossy.greedy_equal
+    passed = _judged(lossy, outliers=2)  # 1 % of 200
+    assert passed.passed and passed.positions_over_max == 2 and passed.max_logit_diff >= 50
+    failed = _judged(lossy, outliers=3)
+    assert not failed.passed and failed.positions_over_max == 3
+    assert failed.failures == ["max |logit diff| 50 > 6.0 at 3 of 200 positions (at most 2 may be)"]
+
+
+def test_lossless_formats_allow_no_position_over_the_largest_difference():
+    report = _judged(Thresholds(6.0, 0.6, min_top1=0.9, greedy_equal=True), outliers=1)
+    assert not report.passed and report.failures == ["max |logit diff| 50 > 6.0"]

@@ -54,7 +54,10 @@ def test_pipeline_runs_every_stage_and_reports_the_seed_tables(tmp_path, tiny_te
     # bench: the teacher's GGUF drafted by each student's GGUF (trimmed vocabularies, mapped by token bytes)
     drafts = {r["draft"] for r in bench["speculative"]["rows"]}
     assert drafts == {"s32-kd-q8_0", "s16-kd-q8_0"}
-    assert all(r["identical"] and r["decode_tps"] > 0 for r in bench["speculative"]["rows"])
+    # a tiny model's few decode tokens can be too quick for the clock: the bench says None then, never 0 or less
+    assert all(
+        r["identical"] and (r["decode_tps"] is None or r["decode_tps"] > 0) for r in bench["speculative"]["rows"]
+    )
     # report: the seed's three tables, claims, samples
     text = report.read_text()
     for heading in (

@@ -173,6 +173,7 @@ def test_the_default_fingerprints_are_pinned():
             "bench_target",
             "quality_tokens",
             "bench_drafts",
+            "bench_methods",
         ),
         "report": ("sample_prompts", "sample_tokens"),
     }
@@ -181,14 +182,14 @@ def test_the_default_fingerprints_are_pinned():
         "teacher": "b54eaa67d752a100",
         "distill": "3e3a89d4bf2e8240",
         "export": "f8a8f24b465b60e6",
-        "bench": "3f2771f39f7e81a3",
-        "report": "d59841807ed2ce1c",
+        "bench": "765055a6675f169a",
+        "report": "7ae560252abce93a",
     }
 
 
 def test_every_pipeline_setting_has_its_help_beside_it():
     fields = dataclasses.fields(PipelineConfig)
-    assert len(fields) == 38
+    assert len(fields) == 39
     assert [f.name for f in fields if not f.metadata.get("help")] == []
 
 

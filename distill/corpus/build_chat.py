@@ -13,6 +13,10 @@ text outside the corpus that quality is measured on) were left out on purpose, s
 Sampling: temperature ``TEMPERATURE``, top-k ``TOP_K``, seed 0, batches of left-padded prompts through the teacher
 with its KV cache. The same torch, CPU kind and thread count give the same text; another CPU may round the last
 bit of a logit differently and so sample a different token.
+
+This script stays as it was so that the committed file can be rebuilt bit for bit. New teacher-written data is made
+with ``edgedistill teacher-data`` (``distill/teacher_data.py``, ``distill/generation.py``): the same batched idea in
+llama.cpp, with the GGUF teacher in its own quantization, resumable, and a manifest of the run.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ TEMPLATES = (
     "Write a friendly letter to a cousin about {}.",
     "What is the history of {}?",
 )
+# fmt: off
 TOPICS = (
     "volcanoes", "the invention of the printing press", "learning a second language", "the history of maps",
     "the water cycle", "keeping chickens", "an afternoon in a city square", "how airplanes fly", "the Roman empire",
@@ -65,6 +70,7 @@ TOPICS = (
     "ants", "a new neighbour", "the Arctic", "learning to knit", "a mountain rescue", "the history of music",
     "a detective story", "an old sailing ship", "a day without electricity", "making pottery", "a city park",
 )
+# fmt: on
 
 
 def requests() -> list[str]:

@@ -34,12 +34,14 @@ from edgedistill.stages.base import (
     Upstream,
     check_at_least_zero,
     check_positive,
+    check_strings,
     read_json,
 )
 from edgedistill.stages.export import Artifact, ExportRecord
 from edgedistill.stages.teacher import heldout_text
 
 BENCH = "bench"
+METHODS = "methods"  # bench/methods/: the methods bench of ``bench_methods``
 NOT_RUN = "(the bench stage has not run)"
 
 
@@ -55,6 +57,11 @@ class BenchSettings:
     bench_drafts: bool = setting(
         True, "also measure the teacher's GGUF decoding speculatively with each student's GGUF as its draft"
     )
+    bench_methods: list[str] = setting(
+        factory=list,
+        help="distillation methods to compare on the first student preset (python -m edgedistill.bench.methods: kd, "
+        "feature, attention, sequence, on-policy, progressive, multi-stage, chain; empty: not run)",
+    )
 
     def __post_init__(self) -> None:
         threads = self.bench_threads if isinstance(self.bench_threads, list) else [self.bench_threads]
@@ -66,6 +73,11 @@ class BenchSettings:
             raise EdgeDistillError(f"bench_threads: expected positive integers, got {self.bench_threads!r}")
         check_positive(self, "bench_prompt_tokens", "bench_gen_tokens", "bench_repeat")
         check_at_least_zero(self, "bench_warmup", "quality_tokens")
+        check_strings(self, "bench_methods")
+        if self.bench_methods:
+            from edgedistill.bench.methods import parse_methods
+
+            parse_methods(",".join(self.bench_methods))
 
 
 @dataclass
@@ -111,6 +123,8 @@ class BenchStage(Stage[BenchSettings, BenchRecord]):
             draft=[Path(a.path) for a in _draft_artifacts(upstream, teacher)] if settings.bench_drafts else [],
         )
         result = run_bench(bench, progress=True)
+        if settings.bench_methods:
+            _methods_bench(settings, upstream, out / METHODS)
         return BenchRecord(bench_json=str(out / "bench.json"), rows=len(result.get("rows", [])))
 
     def report(self, upstream: Upstream) -> list[Section]:
@@ -140,11 +154,40 @@ class BenchStage(Stage[BenchSettings, BenchRecord]):
                 ],
             ),
             Section(50, "Claims of the seed document", claims_lines(bench)),
+            *_methods_sections(upstream),
             Section(60, "Plots", _plots(upstream.layout)),
         ]
         if bench:
             sections.append(Section(80, "The bench's own tables", [markdown_tables(bench)]))
         return sections
+
+
+def _methods_bench(settings: BenchSettings, upstream: Upstream, out: Path) -> None:
+    """The methods bench on the run's teacher and first student preset, in a process of its own (each method is a
+    distill process of its own there too)."""
+    import subprocess
+    import sys
+
+    from edgedistill.stages.distill import DistillSettings
+    from edgedistill.stages.teacher import TeacherSettings
+
+    student = upstream.settings(DistillSettings).students[0]
+    command = [sys.executable, "-m", "edgedistill.bench.methods", "--teacher",
+               upstream.settings(TeacherSettings).teacher, "--student", student, "--out", str(out),
+               "--methods", ",".join(settings.bench_methods), "--threads", str(upstream.run.threads)]  # fmt: skip
+    done = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, check=False)
+    if done.returncode:
+        last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise EdgeDistillError(f"bench: the methods bench failed (exit {done.returncode}): {last}")
+
+
+def _methods_sections(upstream: Upstream) -> list[Section]:
+    """The methods bench's table, when the run had ``bench_methods``."""
+    table = upstream.layout.path(BENCH) / METHODS / "methods.md"
+    if not table.is_file():
+        return []
+    body = table.read_text(encoding="utf-8").split("\n", 1)[1].strip()  # without its own title
+    return [Section(55, "Distillation methods compared", [body])]
 
 
 def _speculative_lines(bench: dict[str, Any]) -> list[str]:
