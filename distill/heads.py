@@ -69,20 +69,12 @@ class DistillationObjective(SupervisedLogits):
         )
         self.logit_weight = config.logit_weight  # multiplies the total (a phase of a schedule may change it)
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        positions: torch.Tensor,
-        labels: torch.Tensor,
-        weights: torch.Tensor,
-        teacher: dict[str, torch.Tensor] | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, Any]:
-        total, ce, kd = self._losses(input_ids, positions, labels, weights, teacher)
-        if self.logit_weight != 1.0:
-            total = total * self.logit_weight
-        return total, ce, kd
+    def _weighted(self, losses: tuple[torch.Tensor, torch.Tensor, Any]) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        """``(total, ce, kd)`` with the total times ``logit_weight`` (left alone at 1, today's numbers exactly)."""
+        total, ce, kd = losses
+        return (total if self.logit_weight == 1.0 else total * self.logit_weight), ce, kd
 
-    def _losses(
+    def forward(
         self,
         input_ids: torch.Tensor,
         positions: torch.Tensor,
@@ -95,22 +87,26 @@ class DistillationObjective(SupervisedLogits):
             with autocast(input_ids.device, self.dtype):
                 hidden = self.hidden(input_ids, positions)
             low = None if self.dtype == torch.float32 else self.dtype
-            return chunked_distillation_loss(
-                hidden.float(), self.head_weight, labels, weights, **teacher, **self.options, matmul_dtype=low
+            return self._weighted(
+                chunked_distillation_loss(
+                    hidden.float(), self.head_weight, labels, weights, **teacher, **self.options, matmul_dtype=low
+                )
             )
         # The reference path: the whole batch's logits at once (models with post-processed logits, benchmarks).
         with autocast(input_ids.device, self.dtype):
             student_logits = super().forward(input_ids, positions)
         if "teacher_ids" in teacher:
             options = {k: self.options[k] for k in ("alpha", "temperature")}
-            return sparse_distillation_loss(
-                student_logits,
-                teacher["teacher_ids"],
-                teacher["teacher_logprobs"],
-                teacher["teacher_tail"],
-                labels,
-                weights,
-                **options,
+            return self._weighted(
+                sparse_distillation_loss(
+                    student_logits,
+                    teacher["teacher_ids"],
+                    teacher["teacher_logprobs"],
+                    teacher["teacher_tail"],
+                    labels,
+                    weights,
+                    **options,
+                )
             )
         teacher_logits = dense_teacher_logits(teacher) if teacher else None
         shared = (
@@ -118,12 +114,14 @@ class DistillationObjective(SupervisedLogits):
             if teacher_logits is None
             else min(student_logits.shape[-1], teacher_logits.shape[-1])
         )
-        return distillation_loss(
-            student_logits[:, :shared],
-            None if teacher_logits is None else teacher_logits[:, :shared],
-            labels,
-            weights,
-            **self.options,
+        return self._weighted(
+            distillation_loss(
+                student_logits[:, :shared],
+                None if teacher_logits is None else teacher_logits[:, :shared],
+                labels,
+                weights,
+                **self.options,
+            )
         )
 
 
