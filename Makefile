@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP)
 
-# The main job: the default pipeline (15-25 minutes on 2 cores after installation); a rerun resumes or skips.
+# The main job: the default pipeline (20-35 minutes on 2 cores after installation); a rerun resumes or skips.
 demo: $(STAMP)
 	$(VENV)/bin/edgedistill pipeline --out runs/demo
 

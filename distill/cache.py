@@ -1,16 +1,19 @@
 """Teacher once, students many: an offline top-K teacher cache.
 
 ``edgedistill teacher-cache`` runs the teacher once over the packed training and held-out data and stores, for every
-input position, the teacher's top-K token ids with their log-probabilities at temperature 1 and the log of the
-probability mass outside the top K (the *tail*). ``edgedistill distill --teacher-cache`` then trains students from
-it without loading the teacher: a forward KL over K + 1 buckets (``losses.sparse_forward_kl``).
+input position, the teacher's top-K token ids with their log-probabilities at temperature 1, the log of the
+probability mass outside the top K (the *tail*) and the log-probability of the data's own next token (the *label*:
+what scores the teacher on the cached text without running it again, :meth:`TeacherCache.evaluate`).
+``edgedistill distill --teacher-cache`` then trains students from it without loading the teacher: a forward KL over
+K + 1 buckets (``losses.sparse_forward_kl``).
 
 Layout of a cache directory::
 
     manifest.json            teacher identity and hash, tokenizer hash, data hash, K, seq_len, token count, shards
     config.json, tokenizer*  the teacher's configuration and tokenizer (what a student needs; no weights)
-    train-00000.npy ...      one structured array [rows, seq_len] per shard: ids (K,), logprobs (K,), tail
+    train-00000.npy ...      one structured array [rows, seq_len] per shard: ids (K,), logprobs (K,), tail, label
     heldout-00000.npy ...
+    outside-00000.npy ...    with ``eval_data``: text that is only evaluated on (never trained on)
 
 Every shard is written under a temporary name and renamed into place when complete, so an interrupted build
 resumes at the first missing shard. Shards are read memory-mapped.
@@ -35,14 +38,18 @@ from edgedistill.errors import EdgeDistillError
 from edgedistill.files import atomic_open, atomic_write_text, claim
 
 MANIFEST = "manifest.json"
-SCHEMA = 1
+SCHEMA = 2  # 2: the label log-probability; optional evaluation-only splits
 BACKENDS = ("torch", "llama.cpp")
+EVAL_SPLIT = "outside"  # the split of CacheConfig.eval_data
 
 
 def record_dtype(top_k: int, vocab_size: int) -> np.dtype:
-    """One position's record: top-K ids (uint16 while the vocabulary fits), their log-probs, the tail log-mass."""
+    """One position's record: top-K ids (uint16 while the vocabulary fits), their log-probs, the tail log-mass and
+    the log-probability of the data's next token."""
     id_type = np.uint16 if vocab_size <= 1 << 16 else np.int32
-    return np.dtype([("ids", id_type, (top_k,)), ("logprobs", np.float32, (top_k,)), ("tail", np.float32)])
+    return np.dtype(
+        [("ids", id_type, (top_k,)), ("logprobs", np.float32, (top_k,)), ("tail", np.float32), ("label", np.float32)]
+    )
 
 
 def ids_sha256(*arrays: np.ndarray) -> str:
@@ -70,6 +77,7 @@ class CacheManifest:
     vocab_size: int
     rows_per_shard: int
     splits: dict[str, int]  # split -> rows
+    split_sha256: dict[str, str] = field(default_factory=dict)  # split -> ids_sha256 of its packed rows
     tokens: int = 0
     complete: bool = False
     seconds: float = 0.0
@@ -87,6 +95,7 @@ class CacheManifest:
         return {
             k: getattr(self, k)
             for k in (
+                "schema",
                 "teacher",
                 "backend",
                 "tokenizer_sha256",
@@ -96,6 +105,7 @@ class CacheManifest:
                 "vocab_size",
                 "rows_per_shard",
                 "splits",
+                "split_sha256",
             )
         }
 
@@ -118,32 +128,37 @@ def read_manifest(directory: Path) -> CacheManifest:
 
 
 # ------------------------------------------------------------------------------------------------------ backends
-TopK = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]
+Outputs = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+# [B, L] inputs and [B, L] labels (the next tokens) -> ids [B, L, K], log-probs [B, L, K], tail log-mass [B, L],
+# the labels' log-probs [B, L]
+TopK = Callable[[np.ndarray, np.ndarray], Outputs]
 
 
 def torch_topk(model: Any, top_k: int, vocab_size: int) -> TopK:
-    """Top-K from a PyTorch teacher: [B, L] ids -> ids [B, L, K], log-probs [B, L, K], tail log-mass [B, L]."""
+    """Top-K from a PyTorch teacher."""
     import torch
 
-    def run(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def run(ids: np.ndarray, labels: np.ndarray) -> Outputs:
         with torch.no_grad():
             logits = model(input_ids=torch.from_numpy(ids).long().to(model.device)).logits[..., :vocab_size]
-            return _topk_torch(logits.float().contiguous(), top_k)
+            return _topk_torch(logits.float().contiguous(), top_k, torch.from_numpy(labels).long().to(logits.device))
 
     return run
 
 
-def _topk_torch(logits: Any, top_k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _topk_torch(logits: Any, top_k: int, labels: Any) -> Outputs:
     """Three reads of the [.., V] logits and no full-size copy: their log-normaliser, the top-K, and (after the
-    top-K entries are set to -inf in place, K writes a row) the tail's log-normaliser. ``logits`` is consumed."""
+    top-K entries are set to -inf in place, K writes a row) the tail's log-normaliser; the labels' logits are
+    gathered first. ``logits`` is consumed."""
     import torch
 
     total = torch.logsumexp(logits, dim=-1)
+    label = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - total
     values, indices = torch.topk(logits, top_k, dim=-1)  # sorted, largest first
     logits.scatter_(-1, indices, float("-inf"))
     tail = torch.logsumexp(logits, dim=-1) - total  # -inf when the top-K hold the whole vocabulary
     values -= total.unsqueeze(-1)
-    return indices.cpu().numpy(), values.cpu().numpy(), tail.cpu().numpy()
+    return indices.cpu().numpy(), values.cpu().numpy(), tail.cpu().numpy(), label.cpu().numpy()
 
 
 def llama_cpp_topk(gguf_path: Path, top_k: int, vocab_size: int, seq_len: int, threads: int) -> TopK:
@@ -154,22 +169,24 @@ def llama_cpp_topk(gguf_path: Path, top_k: int, vocab_size: int, seq_len: int, t
     # f32 KV cache: no rounding that the torch backend does not have
     model = LlamaCpp(gguf_path, n_ctx=seq_len, n_batch=seq_len, threads=threads, f32_cache=True)
 
-    def run(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def run(ids: np.ndarray, labels: np.ndarray) -> Outputs:
         out_ids = np.empty((*ids.shape, top_k), np.int64)
         out_lp = np.empty((*ids.shape, top_k), np.float32)
         out_tail = np.empty(ids.shape, np.float32)
+        out_label = np.empty(ids.shape, np.float32)
         for row, tokens in enumerate(ids):
             logits = model.evaluate(tokens.tolist(), all_logits=True)[:, :vocab_size]
-            out_ids[row], out_lp[row], out_tail[row] = _topk_numpy(logits, top_k)
-        return out_ids, out_lp, out_tail
+            out_ids[row], out_lp[row], out_tail[row], out_label[row] = _topk_numpy(logits, top_k, labels[row])
+        return out_ids, out_lp, out_tail, out_label
 
     return run
 
 
-def _topk_numpy(logits: np.ndarray, top_k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The same computation as :func:`_topk_torch` in numpy: [n, V] -> [n, K], [n, K], [n]."""
+def _topk_numpy(logits: np.ndarray, top_k: int, labels: np.ndarray) -> Outputs:
+    """The same computation as :func:`_topk_torch` in numpy: [n, V], [n] -> [n, K], [n, K], [n], [n]."""
     shifted = logits - logits.max(-1, keepdims=True)
     log_probs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+    label = np.take_along_axis(log_probs, labels[:, None].astype(np.int64), -1)[:, 0].astype(np.float32)
     part = (
         np.argpartition(-log_probs, top_k - 1, axis=-1)[:, :top_k]
         if top_k < logits.shape[-1]
@@ -183,7 +200,7 @@ def _topk_numpy(logits: np.ndarray, top_k: int) -> tuple[np.ndarray, np.ndarray,
     peak = rest.max(-1, keepdims=True)
     with np.errstate(invalid="ignore", divide="ignore"):
         tail = np.where(np.isfinite(peak[:, 0]), peak[:, 0] + np.log(np.exp(rest - peak).sum(-1)), -np.inf)
-    return indices, values, tail.astype(np.float32)
+    return indices, values, tail.astype(np.float32), label
 
 
 # ------------------------------------------------------------------------------------------------------ build
@@ -222,11 +239,12 @@ def build_cache(
             if final.is_file():
                 bar.update(rows.size)
                 continue
+            labels = packed.ids[first : first + manifest.rows_per_shard, 1:]
             records = np.zeros(rows.shape, dtype=dtype)
             for start in range(0, len(rows), batch_size):
-                ids, logprobs, tail = topk(rows[start : start + batch_size])
-                chunk = records[start : start + batch_size]
-                chunk["ids"], chunk["logprobs"], chunk["tail"] = ids, logprobs, tail
+                part = slice(start, start + batch_size)
+                chunk = records[part]
+                chunk["ids"], chunk["logprobs"], chunk["tail"], chunk["label"] = topk(rows[part], labels[part])
                 bar.update(rows[start : start + batch_size].size)
             with atomic_open(final) as stream:
                 np.save(stream, records, allow_pickle=False)
@@ -263,6 +281,36 @@ class TeacherCache:
                     raise EdgeDistillError(f"teacher cache: shard {path} is missing")
                 shards.append(np.load(path, mmap_mode="r"))
             self._shards[split] = shards
+
+    def evaluate(self, split: str, data: PackedData, byte_lengths: np.ndarray | None = None) -> dict[str, float]:
+        """The teacher's own scores on a cached split of packed ``data`` (the rows the cache was built from), read
+        from the cache instead of running the teacher: cross-entropy over the supervised tokens (each weighs 1),
+        perplexity, top-1 accuracy against the text and, with ``byte_lengths``, bits per byte, as
+        :func:`~edgedistill.distill.train.evaluate` scores a student."""
+        import math
+
+        expected = self.manifest.split_sha256.get(split)
+        if split not in self.manifest.splits or "label" not in self._shards[split][0].dtype.names:
+            raise EdgeDistillError(
+                f"teacher cache: {self.directory} has no teacher scores for the {split!r} split (build it again)"
+            )
+        if (expected and expected != ids_sha256(data.ids)) or data.num_sequences != self.manifest.splits[split]:
+            raise EdgeDistillError(f"teacher cache: its {split!r} split was built from other data than these")
+        records = self.records(split, slice(None))
+        supervised = data.weights[:, 1:] > 0
+        labels = data.ids[:, 1:][supervised]
+        tokens = max(1, int(supervised.sum()))
+        ce = -float(records["label"][supervised].astype(np.float64).sum())
+        result = {
+            "tokens": int(supervised.sum()),
+            "ce": ce / tokens,
+            "perplexity": math.exp(ce / tokens),
+            "top1_accuracy": float((records["ids"][..., 0][supervised] == labels).sum()) / tokens,
+        }
+        if byte_lengths is not None:
+            size = int(byte_lengths[labels].sum())
+            result.update(bytes=size, bits_per_byte=ce / math.log(2) / max(1, size))
+        return result
 
     def check_run(self, seq_len: int, data_sha256: str, tokenizer_hash: str) -> None:
         """Stop before training when the run's data, tokenizer or sequence length differ from the cache's."""
@@ -311,7 +359,7 @@ def _make_cache(config: Any, out: Path, progress: bool, on_shard: Callable[[str]
     import torch
 
     from edgedistill.distill import teacher as teachers
-    from edgedistill.distill.data import load_data
+    from edgedistill.distill.data import load_data, load_eval_data
     from edgedistill.distill.heads import resolve_dtype
     from edgedistill.system import resolve_device
 
@@ -332,6 +380,9 @@ def _make_cache(config: Any, out: Path, progress: bool, on_shard: Callable[[str]
         config.train_tokens,
         config.heldout_tokens,
     )
+    splits = {"train": train, "heldout": heldout}
+    if config.eval_data:  # scored and cached like the held-out split, never trained on
+        splits[EVAL_SPLIT] = load_eval_data(config.eval_data, tokenizer, config.seq_len)
     vocab = min(teacher_config.vocab_size, len(tokenizer))
     if not 0 < config.top_k <= vocab:
         raise EdgeDistillError(f"top_k: expected 1 to {vocab} (the vocabulary), got {config.top_k}")
@@ -351,7 +402,8 @@ def _make_cache(config: Any, out: Path, progress: bool, on_shard: Callable[[str]
         top_k=config.top_k,
         vocab_size=vocab,
         rows_per_shard=config.rows_per_shard,
-        splits={"train": train.num_sequences, "heldout": heldout.num_sequences},
+        splits={name: packed.num_sequences for name, packed in splits.items()},
+        split_sha256={name: ids_sha256(packed.ids) for name, packed in splits.items()},
     )
     if (out / MANIFEST).is_file():  # finished already: do not load the teacher at all
         previous = read_manifest(out)
@@ -365,4 +417,4 @@ def _make_cache(config: Any, out: Path, progress: bool, on_shard: Callable[[str]
         device = resolve_device(config.device)
         model = teachers.load_model(source, resolve_dtype(config.teacher_dtype, device), device)
         topk = torch_topk(model, config.top_k, vocab)
-    return build_cache(out, manifest, {"train": train, "heldout": heldout}, topk, config.batch_size, progress, on_shard)
+    return build_cache(out, manifest, splits, topk, config.batch_size, progress, on_shard)

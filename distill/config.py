@@ -457,6 +457,12 @@ class CacheConfig(FlagConfig):
     heldout_tokens: int = setting(
         0, "cache at most this many held-out tokens, evenly spaced (0: all; must equal the run's)"
     )
+    eval_data: list[str] = setting(
+        help="evaluation-only text files, cached as the split 'outside' so that the teacher's scores on them come "
+        "from the cache (never trained on)",
+        factory=list,
+        metavar="FILE",
+    )
     skip_bad_lines: bool = setting(False, "count and skip malformed data lines")
     device: str = setting("auto", "auto, cpu or cuda (torch backend)")
     teacher_dtype: str = setting(
@@ -468,6 +474,8 @@ class CacheConfig(FlagConfig):
         self.check_finite()
         if isinstance(self.data, str):
             self.data = [self.data]
+        if isinstance(self.eval_data, str):
+            self.eval_data = [self.eval_data]
         if not self.out:
             raise EdgeDistillError("out: expected a cache directory (--out DIR)")
         check_device(self.device)

@@ -54,6 +54,40 @@ def test_cache_round_trip_matches_the_teacher(tmp_path, tiny_teacher, text_data)
         # the K + 1 buckets are a distribution
         mass = np.exp(records["logprobs"]).sum(-1) + np.exp(records["tail"])
         assert np.allclose(mass, 1.0, atol=1e-5)
+        # the label: the log-probability of the data's next token
+        label = log_probs.gather(-1, torch.from_numpy(data.ids[rows, 1:]).long().unsqueeze(-1)).squeeze(-1)
+        assert np.allclose(records["label"], label.numpy(), atol=1e-5)
+
+
+def test_teacher_scores_from_the_cache_equal_running_the_teacher(tmp_path, tiny_teacher, text_data):
+    """The held-out split and an evaluation-only split score the teacher as train.evaluate does, from the cache."""
+    from transformers import AutoModelForCausalLM
+
+    from edgedistill.distill.cache import EVAL_SPLIT
+    from edgedistill.distill.data import load_data, load_eval_data, token_byte_lengths
+    from edgedistill.distill.teacher import load_tokenizer, resolve_teacher
+    from edgedistill.distill.train import evaluate
+
+    outside = tmp_path / "outside.jsonl"
+    outside.write_text("\n".join(json.dumps({"text": f"Line {i} of text never trained on."}) for i in range(40)))
+    manifest = make_cache(_config(tmp_path, tiny_teacher, text_data, eval_data=[str(outside)]), progress=False)
+    assert set(manifest.splits) == {"train", "heldout", EVAL_SPLIT} and manifest.split_sha256[EVAL_SPLIT]
+    cache = TeacherCache(tmp_path / "cache")
+    tokenizer = load_tokenizer(resolve_teacher(str(tiny_teacher)))
+    _, heldout, _ = load_data([text_data], tokenizer, 16, 0.1, 1.0)
+    outside_data = load_eval_data([outside], tokenizer, 16)
+    lengths = token_byte_lengths(tokenizer)
+    model = AutoModelForCausalLM.from_pretrained(tiny_teacher).eval()
+    for split, data in (("heldout", heldout), (EVAL_SPLIT, outside_data)):
+        cached = cache.evaluate(split, data, lengths)
+        direct = evaluate(model, None, data, 4, torch.device("cpu"), byte_lengths=lengths)
+        assert cached["tokens"] == direct["tokens"] and cached["bytes"] == direct["bytes"]
+        for key in ("ce", "perplexity", "top1_accuracy", "bits_per_byte"):
+            assert cached[key] == pytest.approx(direct[key], rel=1e-4), key
+    with pytest.raises(EdgeDistillError, match="other data"):
+        cache.evaluate("heldout", outside_data, lengths)
+    with pytest.raises(EdgeDistillError, match="no teacher scores"):
+        cache.evaluate("nonesuch", heldout, lengths)
 
 
 def test_interrupted_build_resumes(tmp_path, tiny_teacher, text_data):

@@ -141,8 +141,8 @@ def test_the_registry_refuses_clashing_stages():
 
 def test_the_default_fingerprints_are_pinned():
     """A stage's keys and fingerprint change only on purpose: a change redoes that stage (and the later ones) in every
-    existing run directory. Last changed when the bench began measuring the students as speculative-decoding drafts
-    of the teacher (bench's bench_drafts)."""
+    existing run directory. Last changed when the derived students got learning rates of their own (distill's
+    student_lr)."""
     assert DEFAULT.stage_keys() == {
         "teacher": ("teacher", "data", "seq_len", "top_k", "train_tokens", "heldout_tokens"),
         "distill": (
@@ -155,6 +155,7 @@ def test_the_default_fingerprints_are_pinned():
             "alpha",
             "temperature",
             "lr",
+            "student_lr",
             "random_lr",
             "warmup_steps",
             "freeze_embeddings",
@@ -180,16 +181,16 @@ def test_the_default_fingerprints_are_pinned():
     config = PipelineConfig()
     assert {s: config.fingerprint(s) for s in STAGES} == {
         "teacher": "b54eaa67d752a100",
-        "distill": "3e3a89d4bf2e8240",
-        "export": "f8a8f24b465b60e6",
-        "bench": "765055a6675f169a",
-        "report": "7ae560252abce93a",
+        "distill": "3872c537711d7d6b",
+        "export": "ce3d569806dd90e4",
+        "bench": "af0e153ef4be3bf5",
+        "report": "a971e3ed15dbd847",
     }
 
 
 def test_every_pipeline_setting_has_its_help_beside_it():
     fields = dataclasses.fields(PipelineConfig)
-    assert len(fields) == 39
+    assert len(fields) == 41
     assert [f.name for f in fields if not f.metadata.get("help")] == []
 
 
@@ -340,3 +341,58 @@ def test_the_stages_package_imports_on_its_own():
 
     done = subprocess.run([sys.executable, "-c", "import edgedistill.stages"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-500:]
+
+
+# ------------------------------------------------------------------------------------------- distill's tasks
+def test_the_distill_stage_schedules_the_chain_first_and_each_student_its_own_lr(tmp_path):
+    from edgedistill.stages.distill import DistillStage, _critical_first, _tasks
+
+    config = PipelineConfig(out=str(tmp_path), students=["small", "tiny", "nano"], student_lr=["nano=0.003"])
+    upstream = Upstream(Layout(tmp_path), config, {}, DEFAULT.stages)
+    tasks = _tasks(upstream.settings(DistillStage.settings), upstream)
+    graph = {t.name: t.after for t in tasks}
+    assert [t.name for t in tasks[:4]] == ["small-derived", "small-kd", "small-ce", "small-random"]
+    assert graph["small-derived"] == () and graph["small-random"] == ()  # nothing to wait for
+    assert graph["tiny-derived"] == ("small-kd",) and graph["nano-derived"] == ("tiny-kd",)  # the chain
+    assert graph["tiny-kd"] == graph["tiny-ce"] == ("tiny-derived",)
+    ordered = [t.name for t in sorted(tasks, key=_critical_first(tasks))]  # what two workers take first
+    assert ordered[:5] == ["small-derived", "small-kd", "tiny-derived", "tiny-kd", "nano-derived"]
+    rates = {t.name: t.config.lr for t in tasks if t.kind == "train"}
+    assert rates["small-kd"] == rates["tiny-ce"] == 1.5e-3 and rates["nano-kd"] == rates["nano-ce"] == 3e-3
+    assert rates["nano-random"] == config.random_lr
+    unchained = Upstream(Layout(tmp_path), PipelineConfig(out=str(tmp_path), chain=False), {}, DEFAULT.stages)
+    tasks = _tasks(unchained.settings(DistillStage.settings), unchained)
+    assert all(t.after == () for t in tasks if t.kind == "prune")
+    with pytest.raises(EdgeDistillError, match="student_lr: expected label=lr"):
+        PipelineConfig(out=str(tmp_path), student_lr=["nano:0.003"])
+
+
+def test_a_failed_run_in_a_worker_stops_the_stage_with_its_one_line_error(
+    tmp_path, tiny_teacher, text_data, tiny_shape
+):
+    from edgedistill.distill.config import TrainConfig
+    from edgedistill.stages.distill import Task, resolve_workers, run_tasks
+
+    assert resolve_workers(3, "cpu") == 3 and resolve_workers(0, "cuda") == 1
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"text": \n')
+    tasks = [
+        Task(
+            f"run-{i}",
+            "train",
+            TrainConfig(
+                out=str(tmp_path / f"run-{i}"),
+                teacher=str(tiny_teacher),
+                student=str(tiny_shape),
+                data=[str(data)],
+                steps=1,
+                batch_size=2,
+                seq_len=16,
+            ),
+            "tiny",
+        )
+        for i, data in enumerate((text_data, bad))
+    ]
+    with pytest.raises(EdgeDistillError, match="bad.jsonl:2"):
+        run_tasks(tasks, 2, 2)
+    assert (tmp_path / "run-0" / "train_summary.json").is_file()  # the other worker's run finished

@@ -68,6 +68,12 @@ class DistillSettings:
     # 1.728 / 2.214, 7e-4 -> 1.752 / 2.250, 3e-3 -> 1.765 / 2.247; alpha 0.1 -> 1.755 / 2.231; T 2 -> 1.916 / 2.550;
     # 48 steps instead of 32 -> 1.662 / 2.207 (more steps is what helps, and it costs time the demo does not have)
     lr: float = setting(1.5e-3, "peak learning rate of the derived students")
+    # measured on the demo's derived nano (32 steps, 2026-12-04; held-out / outside bits per byte): lr 1.5e-3 ->
+    # KD 2.012 / 2.316, CE 2.008; 3e-3 -> KD 1.975 / 2.310, CE 1.994. tiny at 2.2e-3: 1.741 (1.5e-3: 1.728)
+    student_lr: list[str] = setting(
+        factory=lambda: ["nano=0.003"],
+        help="peak learning rate of named derived students, label=lr (overrides lr for them)",
+    )
     random_lr: float = setting(1e-3, "peak learning rate of the randomly initialised students")
     # measured on the derived `small` in fp32 (a CPU without bf16): a 1-step warm-up (5 % of 32) diverged at step 2
     # (CE 7.6 -> 10.1) and ended at 2.540 bits/byte held out; 4 steps reached 1.892 (full vocabulary), 1.536 (auto)
@@ -81,7 +87,8 @@ class DistillSettings:
     seed: int = setting(0, "random seed of every run")
 
     def __post_init__(self) -> None:
-        check_strings(self, "students")
+        check_strings(self, "students", "student_lr")
+        self.lr_of(None)  # student_lr's entries parse
         if not self.students:
             raise EdgeDistillError("students: expected at least one student preset or shape file")
         if self.init not in INITS:
@@ -101,6 +108,19 @@ class DistillSettings:
             raise EdgeDistillError(f"alpha: expected a number in [0, 1) for the distilled students, got {self.alpha!r}")
         if not self.temperature > 0:
             raise EdgeDistillError(f"temperature: expected a positive number, got {self.temperature!r}")
+
+    def lr_of(self, student: str | None) -> float:
+        """The peak learning rate of a derived ``student`` (its ``student_lr`` entry, else ``lr``)."""
+        rates = {}
+        for entry in self.student_lr:
+            label, _, value = entry.partition("=")
+            try:
+                rates[label.strip()] = rate = float(value)
+            except ValueError:
+                rate = -1.0
+            if not label.strip() or not 0 < rate <= 1:
+                raise EdgeDistillError(f"student_lr: expected label=lr with 0 < lr <= 1, got {entry!r}")
+        return rates.get(student_label(student), self.lr) if student else self.lr
 
 
 def student_label(spec: str) -> str:
@@ -169,35 +189,26 @@ class DistillStage(Stage[DistillSettings, DistillRecord]):
     full_budget = {"steps": 140, "batch_size": 8}
 
     def run(self, settings: DistillSettings, upstream: Upstream) -> DistillRecord:
-        from edgedistill.distill.train import train
-
+        tasks = _tasks(settings, upstream)
+        workers = resolve_workers(upstream.run.workers, upstream.run.device)
+        results = run_tasks(tasks, workers, upstream.run.threads)
         runs, derivations = {}, {}
-        source = upstream.settings(TeacherSettings).teacher
-        for student in settings.students:
-            init = None
-            if settings.init == "prune":
-                derivations[student_label(student)] = derived = _derive(settings, upstream, student, source)
-                init = derived.path
-            for kind in RUNS if init is not None else ("kd", "ce"):
-                distilled, derived_run = RUNS[kind]
-                start = init if derived_run else None
-                config = _train_config(settings, upstream, student, kind, start)
-                how = f"alpha {settings.alpha}" if distilled else "CE only, alpha 1"
-                log(f"distill: {Path(config.out).name} ({how}, {'derived' if start else 'random init'})")
-                summary = train(config)
-                runs[Path(config.out).name] = StudentRun(
-                    path=config.out,
-                    student=student,
-                    distilled=distilled,
-                    alpha=config.alpha,
-                    parameters=summary["student"]["parameters"],
-                    heldout=summary["heldout"],
-                    seconds=summary["train"]["seconds"],
-                    derived=start is not None,
-                    outside=summary.get("outside"),
-                )
-            if settings.chain and init is not None:
-                source = str(student_dir(upstream.layout, student, True))
+        for task in tasks:
+            if task.kind == "prune":
+                derivations[task.student_label] = _derived(task)
+                continue
+            config, summary = task.config, results[task.name]
+            runs[task.name] = StudentRun(
+                path=config.out,
+                student=task.student,
+                distilled=config.alpha < 1.0,
+                alpha=config.alpha,
+                parameters=summary["student"]["parameters"],
+                heldout=summary["heldout"],
+                seconds=summary["train"]["seconds"],
+                derived=task.derived,
+                outside=summary.get("outside"),
+            )
         return DistillRecord(runs=runs, derived=derivations)
 
     def report(self, upstream: Upstream) -> list[Section]:
@@ -225,39 +236,165 @@ class DistillStage(Stage[DistillSettings, DistillRecord]):
         ]
 
 
-def _derive(settings: DistillSettings, upstream: Upstream, student: str, source: str) -> Derived:
-    """``students/<label>-derived``: ``student`` cut from ``source`` (the teacher, or the distilled student before
-    it), sized against and probed with the teacher. A finished derivation (its prune.json) is reused."""
-    import json
+@dataclass
+class Task:
+    """One unit of the stage's work: a pruning (``kind`` "prune", a PruneConfig) or a training run ("train", a
+    TrainConfig), run once every task named in ``after`` has finished."""
 
+    name: str  # small-derived, small-kd, small-ce, small-random, ...
+    kind: str
+    config: Any
+    student: str
+    after: tuple[str, ...] = ()
+    derived: bool = False  # a training run that starts from the pruned student
+
+    @property
+    def student_label(self) -> str:
+        return student_label(self.student)
+
+
+def _tasks(settings: DistillSettings, upstream: Upstream) -> list[Task]:
+    """Every pruning and run of the stage in the sequential order (the chain's critical path first within each
+    student: pruning, distilled run, CE twin, random twin), with what each must wait for."""
+    tasks: list[Task] = []
+    source, source_task = upstream.settings(TeacherSettings).teacher, None
+    for student in settings.students:
+        init = None
+        if settings.init == "prune":
+            derived = derived_dir(upstream.layout, student)
+            prune = _prune_config(settings, upstream, student, source)
+            tasks.append(Task(derived.name, "prune", prune, student, (source_task,) if source_task else ()))
+            init = str(derived)
+        for kind in RUNS if init is not None else ("kd", "ce"):
+            start = init if RUNS[kind][1] else None
+            config = _train_config(settings, upstream, student, kind, start)
+            after = (derived_dir(upstream.layout, student).name,) if start else ()
+            tasks.append(Task(Path(config.out).name, "train", config, student, after, derived=start is not None))
+        if settings.chain and init is not None:
+            source = str(student_dir(upstream.layout, student, True))
+            source_task = Path(source).name
+    return tasks
+
+
+def _prune_config(settings: DistillSettings, upstream: Upstream, student: str, source: str) -> Any:
+    """``students/<label>-derived``: ``student`` cut from ``source`` (the teacher, or the distilled student before
+    it), sized against and probed with the teacher."""
     from edgedistill.distill.config import PruneConfig
-    from edgedistill.distill.prune import PRUNE_RECORD, run_prune
 
     data = upstream.settings(TeacherSettings)
-    out = derived_dir(upstream.layout, student)
-    if not (out / PRUNE_RECORD).is_file():
-        log(f"distill: deriving {out.name} from {source}")
-        run_prune(
-            PruneConfig(
-                source=source,
-                out=str(out),
-                student=student,
-                teacher=data.teacher,
-                data=list(data.data),
-                seq_len=data.seq_len,
-                calibration=settings.calibration,
-                candidates=settings.candidates,
-                probe_steps=settings.probe_steps,
-                vocab=settings.vocab,
-                seed=settings.seed,
-                device=upstream.run.device,
-                threads=upstream.run.threads,
-            ),
-            log=log,
-        )
-    record = json.loads((out / PRUNE_RECORD).read_text(encoding="utf-8"))
+    return PruneConfig(
+        source=source,
+        out=str(derived_dir(upstream.layout, student)),
+        student=student,
+        teacher=data.teacher,
+        data=list(data.data),
+        seq_len=data.seq_len,
+        calibration=settings.calibration,
+        candidates=settings.candidates,
+        probe_steps=settings.probe_steps,
+        vocab=settings.vocab,
+        seed=settings.seed,
+        device=upstream.run.device,
+        threads=upstream.run.threads,
+    )
+
+
+def _derived(task: Task) -> Derived:
+    import json
+
+    from edgedistill.distill.prune import PRUNE_RECORD
+
+    record = json.loads((Path(task.config.out) / PRUNE_RECORD).read_text(encoding="utf-8"))
     chosen = record["chosen"]
-    return Derived(str(out), student, source, chosen["parameters"], chosen["shape"], record["seconds"])
+    return Derived(
+        task.config.out, task.student, task.config.source, chosen["parameters"], chosen["shape"], record["seconds"]
+    )
+
+
+def resolve_workers(workers: int, device: str) -> int:
+    """``workers`` 0: two processes on a CPU with at least two cores (each on half the threads: small models use
+    one core better than two), one on CUDA (one device, no gain)."""
+    import os
+
+    if workers:
+        return workers
+    if device.startswith("cuda") or (device == "auto" and _cuda_available()):
+        return 1
+    return 2 if len(os.sched_getaffinity(0)) >= 2 else 1
+
+
+def _cuda_available() -> bool:
+    from edgedistill.deps import require
+
+    return bool(require("torch").cuda.is_available())
+
+
+def run_task(kind: str, config: Any, progress: bool = True) -> dict[str, Any]:
+    """Run one task (in this process or a worker's); returns prune.json's record or train_summary.json."""
+    if kind == "prune":
+        from edgedistill.distill.prune import PRUNE_RECORD, run_prune
+
+        if (Path(config.out) / PRUNE_RECORD).is_file():  # a finished derivation is reused
+            return read_json(Path(config.out) / PRUNE_RECORD)
+        return run_prune(config, log=log if progress else (lambda message: None))
+    from edgedistill.distill.train import train
+
+    return train(config, progress=progress)
+
+
+def _describe_task(task: Task) -> str:
+    if task.kind == "prune":
+        return f"deriving {task.name} from {task.config.source}"
+    how = f"alpha {task.config.alpha}" if task.config.alpha < 1 else "CE only, alpha 1"
+    return f"{task.name} ({how}, {'derived' if task.derived else 'random init'})"
+
+
+def _critical_first(tasks: list[Task]) -> Any:
+    """A sort key: the tasks that more tasks wait on (directly or not) first, the stage's order among equals, so
+    that the chain (pruning, distilled run, next pruning, ...) never waits behind a twin."""
+    waiting: dict[str, set[str]] = {t.name: set() for t in tasks}
+    for task in reversed(tasks):  # a task's dependencies come before it
+        for name in task.after:
+            waiting[name] |= {task.name} | waiting[task.name]
+    order = {t.name: i for i, t in enumerate(tasks)}
+    return lambda task: (-len(waiting[task.name]), order[task.name])
+
+
+def run_tasks(tasks: list[Task], workers: int, threads: int) -> dict[str, dict[str, Any]]:
+    """Run ``tasks`` respecting ``after``: in order in this process (``workers`` 1), else in ``workers`` processes,
+    each task as soon as what it waits for is done, the chain's critical path first (:func:`_critical_first`),
+    each process on its share of ``threads`` (0: the CPUs this process may use). A failed task stops the stage
+    with its error once the running ones end; finished runs and prunings are kept and reused by a rerun."""
+    import dataclasses
+    import os
+
+    results: dict[str, dict[str, Any]] = {}
+    if workers <= 1 or len(tasks) <= 1:
+        for task in tasks:
+            log(f"distill: {_describe_task(task)}")
+            results[task.name] = run_task(task.kind, task.config)
+        return results
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    share = max(1, (threads or len(os.sched_getaffinity(0))) // workers)
+    pending, running = sorted(tasks, key=_critical_first(tasks)), {}
+    context = multiprocessing.get_context("spawn")  # no forked copy of this process's torch threads
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        while pending or running:
+            for task in [t for t in pending if all(a in results for a in t.after)][: workers - len(running)]:
+                pending.remove(task)
+                config = dataclasses.replace(task.config, threads=share)
+                log(f"distill: {_describe_task(task)} [{share} thread{'s' if share > 1 else ''}]")
+                running[pool.submit(run_task, task.kind, config, False)] = task
+            if not running:
+                raise EdgeDistillError(f"distill: {pending[0].name} waits for a task that is not scheduled")
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                task = running.pop(future)
+                results[task.name] = future.result()  # a worker's error stops the stage here
+                log(f"distill: {task.name} done")
+    return results
 
 
 def _train_config(
@@ -279,7 +416,7 @@ def _train_config(
         data=list(data.data),
         alpha=settings.alpha if RUNS[kind][0] else 1.0,
         temperature=settings.temperature,
-        lr=settings.lr if init else settings.random_lr,
+        lr=settings.lr_of(student) if init else settings.random_lr,
         freeze_embeddings=settings.freeze_embeddings and init is not None,
         warmup_steps=settings.warmup_steps,
         steps=settings.steps,
@@ -323,10 +460,18 @@ def _training_sentence(settings: DistillSettings, data: TeacherSettings) -> str:
         f"{', '.join(settings.students)}, each with {vocab}, derived by structured pruning ({chain}; importance on "
         f"{settings.calibration} training sequences, {settings.candidates} candidate shapes ranked by {probe}), then "
         f"trained {budget} three ways{frozen}: derived + distilled (alpha {settings.alpha}, T "
-        f"{settings.temperature}{teacher}, peak lr {settings.lr:g}), derived + CE only (alpha 1, the seed's "
+        f"{settings.temperature}{teacher}, peak lr {_lrs(settings)}), derived + CE only (alpha 1, the seed's "
         f'"before distillation") and random init + CE only (the preset shape, peak lr {settings.random_lr:g}). '
         "Every run distils from the original teacher."
     )
+
+
+def _lrs(settings: DistillSettings) -> str:
+    """``0.0015`` or ``0.0015 (nano 0.003)``: the derived runs' peak learning rates, as the report states them."""
+    others = [
+        f"{student_label(s)} {settings.lr_of(s):g}" for s in settings.students if settings.lr_of(s) != settings.lr
+    ]
+    return f"{settings.lr:g}" + (f" ({', '.join(others)})" if others else "")
 
 
 def seed_retention(klass: int | None) -> str:

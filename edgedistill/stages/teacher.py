@@ -1,6 +1,7 @@
 """Stage ``teacher``: the teacher's top-K cache over the (budget-limited) data, built once for every student
-(``top_k = 0``: the students run the teacher online instead), the teacher's own held-out perplexity, and the held-out
-text the bench measures quality on."""
+(``top_k = 0``: the students run the teacher online instead), the teacher's own held-out and outside-the-corpus
+scores (read from the cache, which holds the log-probability of every next token: the teacher runs once), and the
+held-out text the bench measures quality on."""
 
 from __future__ import annotations
 
@@ -119,13 +120,14 @@ class TeacherStage(Stage[TeacherSettings, TeacherRecord]):
         # scored in batches of the students' batch size (a distill setting: it changes memory, not the result)
         distill: DistillSettings = upstream.stage_settings("distill")
         batch_size = distill.batch_size
-        evaluation = _evaluate_teacher(settings, run.device, batch_size, upstream.layout)
+        evaluation = _evaluate_teacher(settings, run.device, batch_size, upstream.layout, cache is not None)
         return TeacherRecord(cache=cache, heldout=evaluation)
 
 
 def _make_cache(settings: TeacherSettings, device: str, threads: int, out: Path) -> CacheInfo:
     from edgedistill.distill.cache import make_cache
     from edgedistill.distill.config import CacheConfig
+    from edgedistill.distill.data import OUTSIDE_TEXT
 
     cache = CacheConfig(
         out=str(out),
@@ -135,6 +137,7 @@ def _make_cache(settings: TeacherSettings, device: str, threads: int, out: Path)
         top_k=settings.top_k,
         train_tokens=settings.train_tokens,
         heldout_tokens=settings.heldout_tokens,
+        eval_data=[str(OUTSIDE_TEXT)],  # the teacher's outside-the-corpus scores come from the cache too
         device=device,
         threads=threads,
     )
@@ -142,11 +145,16 @@ def _make_cache(settings: TeacherSettings, device: str, threads: int, out: Path)
     return CacheInfo(str(out), manifest.tokens, manifest.top_k, manifest.tokens_per_second, manifest.backend)
 
 
-def _evaluate_teacher(settings: TeacherSettings, device_name: str, batch_size: int, layout: Layout) -> TeacherEval:
-    """Write the held-out text, then score the teacher on the same held-out split; writes heldout_eval.json."""
+def _evaluate_teacher(
+    settings: TeacherSettings, device_name: str, batch_size: int, layout: Layout, cached: bool
+) -> TeacherEval:
+    """Write the held-out text, then score the teacher on the same held-out split and on the outside text; writes
+    heldout_eval.json. With a cache (``cached``) the scores are read from it; without one the teacher runs."""
     from edgedistill.distill import teacher as teachers
+    from edgedistill.distill.cache import EVAL_SPLIT, TeacherCache
     from edgedistill.distill.data import OUTSIDE_TEXT, load_data, load_eval_data, token_byte_lengths
     from edgedistill.distill.heads import release_free_memory, resolve_dtype
+    from edgedistill.distill.student import teacher_parameter_count
     from edgedistill.distill.train import evaluate
     from edgedistill.system import resolve_device
 
@@ -163,16 +171,22 @@ def _evaluate_teacher(settings: TeacherSettings, device_name: str, batch_size: i
     lines = [json.dumps({"text": tokenizer.decode(row[:-1].tolist())}) for row in heldout.ids]
     heldout_text(layout).parent.mkdir(parents=True, exist_ok=True)  # with top_k = 0 no cache made it
     atomic_write_text(heldout_text(layout), "\n".join(lines) + "\n")
-    device = resolve_device(device_name)
     started = time.perf_counter()
-    model = teachers.load_model(source, resolve_dtype("auto", device), str(device))
-    parameters = sum(p.numel() for p in model.parameters())  # tied embeddings once
     byte_lengths = token_byte_lengths(tokenizer)
-    result = evaluate(model, None, heldout, batch_size, device, byte_lengths=byte_lengths)
     outside_data = load_eval_data([OUTSIDE_TEXT], tokenizer, settings.seq_len)
-    outside = evaluate(model, None, outside_data, batch_size, device, byte_lengths=byte_lengths)
-    del model
-    release_free_memory()
+    if cached:
+        cache = TeacherCache(cache_dir(layout))
+        result = cache.evaluate("heldout", heldout, byte_lengths)
+        outside = cache.evaluate(EVAL_SPLIT, outside_data, byte_lengths)
+        parameters = teacher_parameter_count(teachers.load_config(source))
+    else:
+        device = resolve_device(device_name)
+        model = teachers.load_model(source, resolve_dtype("auto", device), str(device))
+        parameters = sum(p.numel() for p in model.parameters())  # tied embeddings once
+        result = evaluate(model, None, heldout, batch_size, device, byte_lengths=byte_lengths)
+        outside = evaluate(model, None, outside_data, batch_size, device, byte_lengths=byte_lengths)
+        del model
+        release_free_memory()
     evaluation = TeacherEval(
         teacher=settings.teacher,
         path=str(source.path),
