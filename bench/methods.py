@@ -284,8 +284,8 @@ class Judge:
 
         from edgedistill.distill import teacher as teachers
         from edgedistill.distill.data import OUTSIDE_TEXT, load_data, load_eval_data, token_byte_lengths
+        from edgedistill.distill.evaluation import evaluate
         from edgedistill.distill.heads import SupervisedLogits, resolve_dtype
-        from edgedistill.distill.train import evaluate
         from edgedistill.files import atomic_write_text
 
         if threads:
@@ -309,8 +309,8 @@ class Judge:
                 byte_lengths=lengths,
             ),
         }  # fmt: skip
+        from edgedistill.distill.evaluation import supervised_batch
         from edgedistill.distill.heads import teacher_signal
-        from edgedistill.distill.train import supervised_batch
 
         head = SupervisedLogits(model).eval()
         self.signals = []  # per evaluation batch: the teacher's final hidden states and head, [N, H] and [V, H]
@@ -322,8 +322,8 @@ class Judge:
     def measure(self, student_dir: Path) -> dict[str, float]:
 
         from edgedistill.distill.data import load_eval_data, token_byte_lengths
+        from edgedistill.distill.evaluation import evaluate
         from edgedistill.distill.student import load_student_checkpoint
-        from edgedistill.distill.train import evaluate
         from edgedistill.distill.vocab import TeacherMapper, VocabMap
 
         student, tokenizer = load_student_checkpoint(student_dir)

@@ -286,7 +286,7 @@ class TeacherCache:
         """The teacher's own scores on a cached split of packed ``data`` (the rows the cache was built from), read
         from the cache instead of running the teacher: cross-entropy over the supervised tokens (each weighs 1),
         perplexity, top-1 accuracy against the text and, with ``byte_lengths``, bits per byte, as
-        :func:`~edgedistill.distill.train.evaluate` scores a student."""
+        :func:`~edgedistill.distill.evaluation.evaluate` scores a student."""
         import math
 
         expected = self.manifest.split_sha256.get(split)

@@ -115,13 +115,18 @@ def _format(path: Path) -> str:
     return suffixes[-1] if suffixes else ""
 
 
-def _parse_json_line(line: str) -> Record:
+def decode_json_line(line: str) -> Any:
+    """One JSON Lines record, or ValueError("invalid JSON (...)") saying what is wrong and at which column."""
     try:
-        obj = json.loads(line)
+        return json.loads(line)
     except json.JSONDecodeError as err:
         raise ValueError(f"invalid JSON ({err.msg} at column {err.colno})") from None
     except RecursionError:
         raise ValueError("invalid JSON (nested too deeply)") from None
+
+
+def _parse_json_line(line: str) -> Record:
+    obj = decode_json_line(line)
     if not isinstance(obj, dict):
         raise ValueError(f'expected a JSON object with "text", "conversations" or "messages", got {type(obj).__name__}')
     if "text" in obj:

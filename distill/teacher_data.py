@@ -43,6 +43,7 @@ from typing import Any
 from edgedistill import __version__
 from edgedistill.config import FlagConfig, setting
 from edgedistill.distill.config import MAX_SEED
+from edgedistill.distill.data import decode_json_line
 from edgedistill.distill.generation import THINK_OPEN, BatchedGenerator, GenerationStats, Job, Sampling
 from edgedistill.errors import EdgeDistillError, one_line
 from edgedistill.files import atomic_open, atomic_write_text, fsync_dir, sha256_file
@@ -166,11 +167,9 @@ def read_prompts(path: str | Path) -> list[Prompt]:
 def _parse_prompt(line: str, where: str) -> Prompt:
     expected = 'expected a JSON object {"prompt": "...", "reasoning": false}'
     try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as err:
-        raise EdgeDistillError(f"{where}: invalid JSON ({err.msg} at column {err.colno}); {expected}") from None
-    except RecursionError:
-        raise EdgeDistillError(f"{where}: invalid JSON (nested too deeply); {expected}") from None
+        obj = decode_json_line(line)
+    except ValueError as err:
+        raise EdgeDistillError(f"{where}: {err}; {expected}") from None
     if not isinstance(obj, dict):
         raise EdgeDistillError(f"{where}: {expected}, got {type(obj).__name__}")
     unknown = sorted(set(obj) - set(PROMPT_KEYS))

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,6 +34,8 @@ from edgedistill.distill.checkpoint import (
 )
 from edgedistill.distill.config import SHAPE_FIELDS, StudentShape, TrainConfig
 from edgedistill.distill.data import DataStats, PackedData, load_data, load_eval_data, token_byte_lengths
+from edgedistill.distill.distributed import Distributed
+from edgedistill.distill.evaluation import TeacherFor, cached_teacher, evaluate, online_teacher, supervised_batch
 from edgedistill.distill.student import (
     VocabAudit,
     audit_vocab,
@@ -51,56 +52,6 @@ StepHook = Callable[[int, dict[str, float]], None]
 
 
 # ----------------------------------------------------------------------------------------------------------- helpers
-class _Distributed:
-    """The torchrun environment: world size, rank, and the device this rank trains on."""
-
-    def __init__(self, requested_device: str) -> None:
-        import torch
-
-        from edgedistill.system import resolve_device
-
-        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        device = resolve_device(requested_device)
-        if device.type == "cuda" and device.index is None and self.world_size > 1:
-            device = torch.device(f"cuda:{local_rank}")
-        self.device = device
-        if self.world_size > 1:
-            import torch.distributed as dist
-
-            backend = "nccl" if self.device.type == "cuda" else "gloo"  # MiniMind hard-codes NCCL (FACTS.md)
-            if self.device.type == "cuda":
-                torch.cuda.set_device(self.device)
-            dist.init_process_group(backend=backend)
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def all_mean(self, values: list[float]) -> list[float]:
-        if self.world_size == 1:
-            return values
-        import torch
-        import torch.distributed as dist
-
-        tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
-        dist.all_reduce(tensor)
-        return (tensor / self.world_size).tolist()
-
-    def barrier(self) -> None:
-        if self.world_size > 1:
-            import torch.distributed as dist
-
-            dist.barrier()
-
-    def close(self) -> None:
-        if self.world_size > 1:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
-
-
 def _lr_lambda(config: TrainConfig) -> Callable[[int], float]:
     """Linear warm-up, then cosine decay to ``min_lr_ratio`` of the peak (MiniMind decays to 10 %)."""
 
@@ -136,18 +87,6 @@ class BatchOrder:
         """The packed rows of micro-batch ``micro_batch``, counted over the whole run (epochs follow each other)."""
         first = micro_batch * self.batch_size
         return [self._order(p // self.per_epoch)[p % self.per_epoch] for p in range(first, first + self.batch_size)]
-
-
-def supervised_batch(data: PackedData, rows: list[int] | slice, device: Any) -> tuple[Any, Any, Any, Any]:
-    """(inputs [B, L], positions [N], labels [N], weights [N]) of packed ``rows``: the inputs are each row but its
-    last token, ``positions`` index the supervised (weight > 0) targets in the flattened [B * L] inputs."""
-    import torch
-
-    ids = torch.from_numpy(data.ids[rows]).long()
-    weights = torch.from_numpy(data.weights[rows])[:, 1:].reshape(-1)
-    positions = torch.nonzero(weights > 0).squeeze(1)
-    labels = ids[:, 1:].reshape(-1)[positions]
-    return ids[:, :-1].to(device), positions.to(device), labels.to(device), weights[positions].to(device)
 
 
 def make_optimizer(student: Any, config: TrainConfig, extra: Any = ()) -> tuple[Any, Any]:
@@ -235,110 +174,6 @@ def _check_weights(model: Any) -> None:
         raise NonFiniteLoss(f"weight {bad}", float("nan"))
 
 
-TeacherFor = Callable[[str, Any, Any, Any], "dict[str, Any] | None"]
-
-
-def online_teacher(teacher: Any, mapper: Any = None) -> TeacherFor:
-    """The live teacher as a provider of the objective's teacher signal (hidden states + head weight); with a
-    trimmed student's ``mapper`` (:class:`~edgedistill.distill.vocab.TeacherMapper`) it reads the teacher's ids of
-    the student's inputs and gives its head's kept rows."""
-    from edgedistill.distill.heads import SupervisedLogits, teacher_signal
-
-    head = SupervisedLogits(teacher).eval() if teacher is not None else None
-    if mapper is None:
-        return lambda split, rows, inputs, positions: teacher_signal(head, inputs, positions)
-    return lambda split, rows, inputs, positions: mapper.signal(
-        teacher_signal(head, mapper.teacher_inputs(inputs), positions)
-    )
-
-
-def cached_teacher(cache: Any, mapper: Any = None) -> TeacherFor:
-    """A :class:`~edgedistill.distill.cache.TeacherCache` as a provider of the objective's teacher signal (mapped
-    into a trimmed student's vocabulary by ``mapper``)."""
-    if mapper is None:
-        return lambda split, rows, inputs, positions: cache.signal(split, rows, positions)
-    return lambda split, rows, inputs, positions: mapper.signal(cache.signal(split, rows, positions))
-
-
-def evaluate(
-    student: Any,
-    teacher_for: TeacherFor | None,
-    data: PackedData,
-    batch_size: int,
-    device: Any,
-    max_tokens: int = 0,
-    byte_lengths: Any = None,
-) -> dict[str, float]:
-    """Held-out cross-entropy (every supervised token weighs 1), perplexity, top-1 accuracy against the text, bits
-    per byte (with ``byte_lengths``, :func:`~edgedistill.distill.data.token_byte_lengths`), forward KL (T = 1) to
-    the teacher and top-1 agreement with the teacher, over up to ``max_tokens`` supervised tokens (0: all). With a
-    cached teacher
-    the KL is the top-K one (``sparse_forward_kl``) and agreement is with the teacher's top-1 id. The student runs in
-    float32 whatever its training precision, so that held-out numbers compare across runs and machines."""
-    import torch
-
-    from edgedistill.distill.heads import SupervisedLogits, dense_teacher_logits
-    from edgedistill.distill.losses import chunk_rows, divergence, sparse_forward_kl
-
-    student_head = SupervisedLogits(student).eval()
-    totals = {"ce": 0.0, "kd": 0.0, "agree": 0.0, "correct": 0, "bytes": 0, "tokens": 0}
-    lengths = torch.from_numpy(byte_lengths) if byte_lengths is not None else None
-    with torch.no_grad():
-        for start in range(0, data.num_sequences, batch_size):
-            rows = slice(start, start + batch_size)
-            inputs, positions, labels, weights = supervised_batch(data, rows, device)
-            if len(positions) == 0:
-                continue
-            # hidden states, or whole logits for heads that post-process them
-            student_out = (student_head.hidden if student_head.direct else student_head)(inputs, positions).float()
-            teacher = teacher_for("heldout", rows, inputs, positions) if teacher_for is not None else None
-            # [chunk, V] logits at a time, as in training: a batch's full logits would be 2048 x 49,152 floats.
-            chunk = chunk_rows(student_head.head_weight.shape[0])
-            for first in range(0, len(positions), chunk):
-                part = slice(first, first + chunk)
-                student_logits = student_out[part]
-                if student_head.direct:
-                    student_logits = torch.nn.functional.linear(student_logits, student_head.head_weight.float())
-                totals["ce"] += torch.nn.functional.cross_entropy(student_logits, labels[part], reduction="sum").item()
-                count = student_logits.shape[0]
-                totals["tokens"] += count
-                predicted = student_logits.argmax(-1)
-                totals["correct"] += (predicted == labels[part]).sum().item()
-                if lengths is not None:
-                    totals["bytes"] += lengths[labels[part].cpu()].sum().item()
-                if teacher is None:
-                    continue
-                if "teacher_ids" in teacher:
-                    ids = teacher["teacher_ids"][part]
-                    kd = sparse_forward_kl(
-                        student_logits, ids, teacher["teacher_logprobs"][part], teacher["teacher_tail"][part]
-                    )
-                    teacher_top1 = ids[:, 0]
-                else:
-                    teacher_logits = dense_teacher_logits(teacher, part)
-                    shared = min(student_logits.shape[-1], teacher_logits.shape[-1])
-                    teacher_logits = teacher_logits[:, :shared].float()
-                    kd = divergence("fkl", student_logits[:, :shared], teacher_logits)
-                    teacher_top1 = teacher_logits.argmax(-1)
-                totals["kd"] += kd.item() * count
-                totals["agree"] += (predicted == teacher_top1).sum().item()
-            if max_tokens and totals["tokens"] >= max_tokens:
-                break
-    tokens = max(1, totals["tokens"])
-    result = {
-        "tokens": totals["tokens"],
-        "ce": totals["ce"] / tokens,
-        "perplexity": math.exp(totals["ce"] / tokens),
-        "top1_accuracy": totals["correct"] / tokens,
-    }
-    if lengths is not None:
-        result.update(bytes=totals["bytes"], bits_per_byte=totals["ce"] / math.log(2) / max(1, totals["bytes"]))
-    if teacher_for is not None:
-        result.update(kd_to_teacher=totals["kd"] / tokens, top1_agreement=totals["agree"] / tokens)
-    student.train()
-    return result
-
-
 # ----------------------------------------------------------------------------------------------------------- recipe
 def train(config: TrainConfig, on_step: StepHook | None = None, progress: bool = True) -> dict[str, Any]:
     """Run one distillation and return its summary (also written to ``OUT/train_summary.json``).
@@ -352,7 +187,7 @@ def train(config: TrainConfig, on_step: StepHook | None = None, progress: bool =
     out = Path(config.out)
     if config.resume and (out / SUMMARY).is_file() and not (out / CHECKPOINT).exists():
         return json.loads((out / SUMMARY).read_text())  # finished already: nothing to resume
-    dist = _Distributed(config.device)
+    dist = Distributed(config.device)
     held = contextlib.ExitStack()
     try:
         if dist.is_main:  # only rank 0 writes to OUT; the claim sweeps what a killed run left there
@@ -402,7 +237,7 @@ class _Run:
 
 
 # ---------------------------------------------------------------- setup
-def _setup(config: TrainConfig, dist: _Distributed, out: Path) -> _Run:
+def _setup(config: TrainConfig, dist: Distributed, out: Path) -> _Run:
     """Seed, resolve the teacher (or its cache), build the student, audit the vocabulary, load the data, build the
     objective and optimizer, and load the checkpoint of a resumed run."""
     import torch
@@ -494,7 +329,7 @@ def _setup(config: TrainConfig, dist: _Distributed, out: Path) -> _Run:
     )
 
 
-def _plan(config: TrainConfig, dist: _Distributed, train_data: PackedData, stats: DataStats, tokenizer: Any) -> Any:
+def _plan(config: TrainConfig, dist: Distributed, train_data: PackedData, stats: DataStats, tokenizer: Any) -> Any:
     """The run's :class:`~edgedistill.distill.schedule.Plan`: a phase's own data in ``tokenizer`` (the student's),
     each phase's batch order seeded by (seed, phase index)."""
     from edgedistill.distill.schedule import Plan, phase_seed
@@ -757,7 +592,7 @@ def _restore(
 
 # ---------------------------------------------------------------- loop
 def _train_loop(
-    run: _Run, config: TrainConfig, dist: _Distributed, on_step: StepHook | None, progress: bool
+    run: _Run, config: TrainConfig, dist: Distributed, on_step: StepHook | None, progress: bool
 ) -> tuple[dict[str, Any], float]:
     """Steps ``start_step + 1 .. steps``; rank 0 logs each to ``metrics.jsonl`` and checkpoints. Returns the last
     step's metrics (empty when the run resumed from its final step's checkpoint) and the loop's seconds."""
@@ -816,7 +651,7 @@ def _tokens_per_step(config: TrainConfig, world_size: int) -> int:
 
 
 def _optimizer_step(
-    run: _Run, config: TrainConfig, dist: _Distributed, step: int, phase: TrainConfig, on_policy: bool = False
+    run: _Run, config: TrainConfig, dist: Distributed, step: int, phase: TrainConfig, on_policy: bool = False
 ) -> tuple[list[float], float]:
     """Step ``step`` of a phase with settings ``phase``: its ``grad_accum`` micro-batches (the student's samples on
     an on-policy step, :mod:`~edgedistill.distill.on_policy`) with the teacher's signal, one :func:`train_step`,
@@ -869,7 +704,7 @@ def _log_and_checkpoint(
 
 # ---------------------------------------------------------------- save
 def _save(
-    run: _Run, config: TrainConfig, dist: _Distributed, final_metrics: dict[str, Any], train_seconds: float
+    run: _Run, config: TrainConfig, dist: Distributed, final_metrics: dict[str, Any], train_seconds: float
 ) -> dict[str, Any]:
     """Rank 0: evaluate on the held-out split, write the Hugging Face checkpoint in place of the training
     checkpoint, then ``train_summary.json`` and the loss plot. Returns the summary."""

@@ -104,6 +104,16 @@ def text_data(tmp_path_factory) -> Path:
     return write_jsonl(tmp_path_factory.mktemp("data") / "text.jsonl", [{"text": s} for s in sentences])
 
 
+def one_group_shape(path: Path) -> Path:
+    """A student shape file prunable from a 2-KV-group teacher with head_dim 16: hidden 32 = 2 heads x 16, one KV
+    group, 2 layers, FFN 64."""
+    shape = dict(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, intermediate_size=64
+    )
+    path.write_text(json.dumps(dict(shape, head_dim=16)))
+    return path
+
+
 @pytest.fixture
 def tiny_shape(tmp_path) -> Path:
     path = tmp_path / "student.json"

@@ -60,13 +60,13 @@ def test_cache_round_trip_matches_the_teacher(tmp_path, tiny_teacher, text_data)
 
 
 def test_teacher_scores_from_the_cache_equal_running_the_teacher(tmp_path, tiny_teacher, text_data):
-    """The held-out split and an evaluation-only split score the teacher as train.evaluate does, from the cache."""
+    """The held-out split and an evaluation-only split score the teacher as evaluation.evaluate does, from the cache."""
     from transformers import AutoModelForCausalLM
 
     from edgedistill.distill.cache import EVAL_SPLIT
     from edgedistill.distill.data import load_data, load_eval_data, token_byte_lengths
+    from edgedistill.distill.evaluation import evaluate
     from edgedistill.distill.teacher import load_tokenizer, resolve_teacher
-    from edgedistill.distill.train import evaluate
 
     outside = tmp_path / "outside.jsonl"
     outside.write_text("\n".join(json.dumps({"text": f"Line {i} of text never trained on."}) for i in range(40)))

@@ -13,12 +13,13 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import TRAINING_TEXT, make_llama, make_tokenizer, save_teacher, write_jsonl
+from conftest import TRAINING_TEXT, make_llama, make_tokenizer, one_group_shape, save_teacher, write_jsonl
 
 from edgedistill.distill import feature_losses as fl
 from edgedistill.distill.config import FEATURE_LOSSES, TrainConfig, parse_layer_pairs
+from edgedistill.distill.evaluation import online_teacher
 from edgedistill.distill.heads import DistillationObjective
-from edgedistill.distill.train import online_teacher, train
+from edgedistill.distill.train import train
 from edgedistill.errors import EdgeDistillError
 
 VOCAB = len(make_tokenizer())
@@ -285,20 +286,7 @@ def setup(tmp_path_factory):
     teacher = save_teacher(base / "teacher", **TEACHER)
     sentences = [f"{line} Example number {i}." for i in range(30) for line in TRAINING_TEXT]
     data = write_jsonl(base / "text.jsonl", [{"text": s} for s in sentences])
-    shape = base / "shape.json"  # prunable from TEACHER: hidden 32, 2 layers, one KV group of 2 heads of 16
-    shape.write_text(
-        json.dumps(
-            dict(
-                hidden_size=32,
-                num_hidden_layers=2,
-                num_attention_heads=2,
-                num_key_value_heads=1,
-                intermediate_size=64,
-                head_dim=16,
-            )
-        )
-    )
-    return base, teacher, data, shape
+    return base, teacher, data, one_group_shape(base / "shape.json")  # prunable from TEACHER
 
 
 def _config(setup, name, **settings):

@@ -11,13 +11,13 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import make_llama, make_tokenizer, save_teacher, write_jsonl
+from conftest import make_llama, make_tokenizer, one_group_shape, save_teacher, write_jsonl
 
 from edgedistill.cli import main
 from edgedistill.distill import prune
 from edgedistill.distill.config import StudentShape
 from edgedistill.distill.data import PackedData, load_eval_data, token_byte_lengths
-from edgedistill.distill.train import evaluate
+from edgedistill.distill.evaluation import evaluate
 
 VOCAB = len(make_tokenizer())
 HEAD_DIM = 16
@@ -45,19 +45,6 @@ def _ids(rows: int = 6, length: int = 17, seed: int = 0) -> torch.Tensor:
 def _shape_file(path, **shape):
     path.write_text(json.dumps(shape))
     return path
-
-
-def _one_group_shape(path):
-    """Hidden 32 = 2 heads x 16 (the teacher's head_dim), one KV group, 2 layers, FFN 64."""
-    return _shape_file(
-        path,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        intermediate_size=64,
-        head_dim=16,
-    )
 
 
 def _one_line_error(capsys, code, *fragments):
@@ -527,7 +514,7 @@ def test_pruned_standard_shape_exports_to_gguf(gqa_teacher, pruned, tmp_path):
     from edgedistill.distill.config import PruneConfig
 
     _, _, data = pruned
-    shape = _one_group_shape(tmp_path / "shape.json")
+    shape = one_group_shape(tmp_path / "shape.json")
     config = PruneConfig(
         source=str(gqa_teacher),
         student=str(shape),
@@ -605,7 +592,7 @@ def test_distill_init_prune(gqa_teacher, pruned, tmp_path, capsys):
     from transformers import AutoModelForCausalLM
 
     _, _, data = pruned
-    shape = _one_group_shape(tmp_path / "shape.json")
+    shape = one_group_shape(tmp_path / "shape.json")
     outside = write_jsonl(
         tmp_path / "outside.jsonl", [{"text": "Completely different prose about rivers and tea. " * 6}]
     )

@@ -314,19 +314,13 @@ def _derived(task: Task) -> Derived:
 def resolve_workers(workers: int, device: str) -> int:
     """``workers`` 0: two processes on a CPU with at least two cores (each on half the threads: small models use
     one core better than two), one on CUDA (one device, no gain)."""
-    import os
+    from edgedistill.system import available_cpus, resolve_device
 
     if workers:
         return workers
-    if device.startswith("cuda") or (device == "auto" and _cuda_available()):
+    if device.startswith("cuda") or resolve_device(device).type == "cuda":
         return 1
-    return 2 if len(os.sched_getaffinity(0)) >= 2 else 1
-
-
-def _cuda_available() -> bool:
-    from edgedistill.deps import require
-
-    return bool(require("torch").cuda.is_available())
+    return 2 if len(available_cpus()) >= 2 else 1
 
 
 def run_task(kind: str, config: Any, progress: bool = True) -> dict[str, Any]:
@@ -366,7 +360,8 @@ def run_tasks(tasks: list[Task], workers: int, threads: int) -> dict[str, dict[s
     each process on its share of ``threads`` (0: the CPUs this process may use). A failed task stops the stage
     with its error once the running ones end; finished runs and prunings are kept and reused by a rerun."""
     import dataclasses
-    import os
+
+    from edgedistill.system import available_cpus
 
     results: dict[str, dict[str, Any]] = {}
     if workers <= 1 or len(tasks) <= 1:
@@ -377,7 +372,7 @@ def run_tasks(tasks: list[Task], workers: int, threads: int) -> dict[str, dict[s
     import multiprocessing
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
-    share = max(1, (threads or len(os.sched_getaffinity(0))) // workers)
+    share = max(1, (threads or len(available_cpus())) // workers)
     pending, running = sorted(tasks, key=_critical_first(tasks)), {}
     context = multiprocessing.get_context("spawn")  # no forked copy of this process's torch threads
     with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:

@@ -153,9 +153,9 @@ def _evaluate_teacher(
     from edgedistill.distill import teacher as teachers
     from edgedistill.distill.cache import EVAL_SPLIT, TeacherCache
     from edgedistill.distill.data import OUTSIDE_TEXT, load_data, load_eval_data, token_byte_lengths
+    from edgedistill.distill.evaluation import evaluate
     from edgedistill.distill.heads import release_free_memory, resolve_dtype
     from edgedistill.distill.student import teacher_parameter_count
-    from edgedistill.distill.train import evaluate
     from edgedistill.system import resolve_device
 
     source = teachers.resolve_teacher(settings.teacher)
