@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -18,6 +21,16 @@ TRAINING_TEXT = [
     "def add(a, b):\n    return a + b  # numbers 0 1 2 3 4 5 6 7 8 9 and <tags> like <think> or </answer>",
     "Temperature softens the teacher's probabilities; alpha mixes cross-entropy with the KL term.",
 ]
+
+
+def pytest_configure(config):
+    """Converted GGUF teachers (distill/teacher.py) go to a cache of this session's own, not the user's."""
+    config._edgedistill_cache = tempfile.mkdtemp(prefix="edgedistill-test-cache-")
+    os.environ["EDGEDISTILL_CACHE"] = config._edgedistill_cache
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(getattr(config, "_edgedistill_cache", ""), ignore_errors=True)
 
 
 def make_tokenizer(vocab_size: int = 320, corpus: list[str] | None = None):

@@ -166,3 +166,41 @@ def test_default_teacher_tokenizer_matches_llama_cpp_conventions():
         [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
     )
     assert text.endswith("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
+
+
+@pytest.mark.slow
+def test_a_gguf_teacher_is_converted_once_and_then_read_from_the_cache(tmp_path, tiny_teacher, monkeypatch):
+    """The first load of a GGUF teacher stores its dequantized checkpoint; later loads of the configuration and the
+    weights read it and give the same model; a copy missing its weights is rebuilt; an unwritable cache only costs
+    the speed-up."""
+    import torch
+    from export_helpers import run_export
+
+    from edgedistill.distill import teacher as teachers
+
+    assert run_export("gguf", str(tiny_teacher), "--quant", "f32", "--out", str(tmp_path / "g"), "--threads", "1") == 0
+    source = teachers.resolve_teacher(str(next((tmp_path / "g").glob("*-f32.gguf"))))
+    monkeypatch.setenv("EDGEDISTILL_CACHE", str(tmp_path / "cache"))
+    assert teachers.converted_checkpoint(source) is None
+    direct_config = teachers.load_config(source)  # read from the file: nothing stored yet
+    assert teachers.converted_checkpoint(source) is None
+    first = teachers.load_model(source)
+    stored = teachers.converted_checkpoint(source)
+    assert stored is not None and stored.parent.parent == tmp_path / "cache"
+    assert not [p for p in stored.parent.iterdir() if p.name.startswith(".")]  # no temporary left behind
+    again, config = teachers.load_model(source), teachers.load_config(source)
+    assert config.to_dict()["hidden_size"] == direct_config.hidden_size == 64
+    ids = torch.arange(40).reshape(2, 20)
+    assert torch.equal(first(ids).logits, again(ids).logits)
+    assert teachers.load_model(source, torch.bfloat16).dtype == torch.bfloat16
+
+    (stored / "model.safetensors").unlink()  # a damaged copy is not used, and the next load replaces it
+    assert teachers.converted_checkpoint(source) is None
+    assert torch.equal(teachers.load_model(source)(ids).logits, first(ids).logits)
+    assert teachers.converted_checkpoint(source) == stored
+
+    blocked = tmp_path / "file-not-dir"
+    blocked.write_text("")
+    monkeypatch.setenv("EDGEDISTILL_CACHE", str(blocked))
+    assert torch.equal(teachers.load_model(source)(ids).logits, first(ids).logits)
+    assert teachers.converted_checkpoint(source) is None

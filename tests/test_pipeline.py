@@ -93,7 +93,8 @@ def test_pipeline_config_file_flags_and_full(tmp_path):
     config = PipelineConfig.from_sources(str(config_file), {"steps": 9, "full": None})
     assert config.students == ["tiny"] and config.steps == 9 and config.bench_threads == [1, 2]
     full = PipelineConfig.from_sources(str(config_file), {"full": True})
-    assert full.steps == 7 and full.train_tokens == 0  # the file beats --full's budget; --full fills the rest
+    assert full.steps == 7  # the file beats --full's budget; --full fills the rest:
+    assert (full.train_tokens, full.heldout_tokens, full.bench_draft_tokens) == (131072, 32768, [1, 2, 4])
     (tmp_path / "bad.toml").write_text('steps = "many"\n')
     with pytest.raises(EdgeDistillError, match="bad.toml: steps: expected a int"):
         PipelineConfig.from_sources(str(tmp_path / "bad.toml"), {})
@@ -101,6 +102,17 @@ def test_pipeline_config_file_flags_and_full(tmp_path):
     with pytest.raises(EdgeDistillError, match="unknown setting 'stepz'"):
         PipelineConfig.from_sources(str(tmp_path / "unknown.toml"), {})
     assert PipelineConfig.from_sources(None, {}).fingerprint("bench") != full.fingerprint("bench")
+
+
+def test_bench_threads_above_the_cpus_here_are_not_measured(monkeypatch, capsys):
+    from edgedistill.stages import bench
+
+    monkeypatch.setattr("edgedistill.system.available_cpus", lambda: [0, 1])
+    assert bench._threads_here([1, 2, 4]) == [1, 2]
+    assert "threads 4 not measured: 2 CPUs available here" in capsys.readouterr().err
+    assert bench._threads_here([4, 8]) == [4]  # none fits: the smallest, oversubscribed (the bench notes it)
+    with pytest.raises(EdgeDistillError, match="bench_draft_tokens: expected a list of integers from 1 to"):
+        PipelineConfig.from_sources(None, {"bench_draft_tokens": [0]})
 
 
 def test_pipeline_bad_input_is_one_line_exit_2(tmp_path, capsys):

@@ -174,6 +174,7 @@ def test_the_default_fingerprints_are_pinned():
             "bench_target",
             "quality_tokens",
             "bench_drafts",
+            "bench_draft_tokens",
             "bench_methods",
         ),
         "report": ("sample_prompts", "sample_tokens"),
@@ -183,14 +184,14 @@ def test_the_default_fingerprints_are_pinned():
         "teacher": "b54eaa67d752a100",
         "distill": "3872c537711d7d6b",
         "export": "ce3d569806dd90e4",
-        "bench": "af0e153ef4be3bf5",
-        "report": "a971e3ed15dbd847",
+        "bench": "3531410502eeeaeb",
+        "report": "e2870e3b811d1c5c",
     }
 
 
 def test_every_pipeline_setting_has_its_help_beside_it():
     fields = dataclasses.fields(PipelineConfig)
-    assert len(fields) == 41
+    assert len(fields) == 42
     assert [f.name for f in fields if not f.metadata.get("help")] == []
 
 

@@ -35,6 +35,7 @@ from edgedistill.stages.base import (
     check_at_least_zero,
     check_positive,
     check_strings,
+    log,
     read_json,
 )
 from edgedistill.stages.export import Artifact, ExportRecord
@@ -57,6 +58,11 @@ class BenchSettings:
     bench_drafts: bool = setting(
         True, "also measure the teacher's GGUF decoding speculatively with each student's GGUF as its draft"
     )
+    bench_draft_tokens: list[int] = setting(
+        factory=lambda: [1, 2],
+        help="tokens a draft proposes per round, measured besides the adaptive choice (the demo's drafts gained "
+        "nothing at 4: --full adds it)",
+    )
     bench_methods: list[str] = setting(
         factory=list,
         help="distillation methods to compare on the first student preset (python -m edgedistill.bench.methods: kd, "
@@ -74,6 +80,13 @@ class BenchSettings:
         check_positive(self, "bench_prompt_tokens", "bench_gen_tokens", "bench_repeat")
         check_at_least_zero(self, "bench_warmup", "quality_tokens")
         check_strings(self, "bench_methods")
+        from edgedistill.runtime.speculative import MAX_DRAFT_TOKENS
+
+        ks = self.bench_draft_tokens
+        if not isinstance(ks, list) or not ks or not all(type(k) is int and 1 <= k <= MAX_DRAFT_TOKENS for k in ks):
+            raise EdgeDistillError(
+                f"bench_draft_tokens: expected a list of integers from 1 to {MAX_DRAFT_TOKENS}, got {ks!r}"
+            )
         if self.bench_methods:
             from edgedistill.bench.methods import parse_methods
 
@@ -96,7 +109,13 @@ class BenchStage(Stage[BenchSettings, BenchRecord]):
     settings = BenchSettings
     record = BenchRecord
     outputs = (BENCH,)
-    full_budget = {"bench_threads": [1, 2, 4], "bench_gen_tokens": 128, "bench_repeat": 5, "quality_tokens": 16384}
+    full_budget = {
+        "bench_threads": [1, 2, 4],
+        "bench_gen_tokens": 128,
+        "bench_repeat": 5,
+        "quality_tokens": 8192,
+        "bench_draft_tokens": [1, 2, 4],
+    }
 
     def run(self, settings: BenchSettings, upstream: Upstream) -> BenchRecord:
         from edgedistill.bench.harness import BenchConfig, run_bench
@@ -106,10 +125,11 @@ class BenchStage(Stage[BenchSettings, BenchRecord]):
             raise EdgeDistillError("bench: no exported artifact passed its parity check; see the export manifests")
         teacher = _teacher_artifact(artifacts)
         out = upstream.layout.path(BENCH)
+        threads = _threads_here(settings.bench_threads)
         bench = BenchConfig(
             models=[Path(a.path) for a in artifacts],
             labels=[f"{a.label} {a.quantization}" for a in artifacts],
-            threads=list(settings.bench_threads),
+            threads=threads,
             prompt_tokens=settings.bench_prompt_tokens,
             gen_tokens=settings.bench_gen_tokens,
             repeat=settings.bench_repeat,
@@ -121,6 +141,7 @@ class BenchStage(Stage[BenchSettings, BenchRecord]):
             out=out,
             quality_tokens=settings.quality_tokens,
             draft=[Path(a.path) for a in _draft_artifacts(upstream, teacher)] if settings.bench_drafts else [],
+            draft_tokens=list(settings.bench_draft_tokens),
         )
         result = run_bench(bench, progress=True)
         if settings.bench_methods:
@@ -160,6 +181,19 @@ class BenchStage(Stage[BenchSettings, BenchRecord]):
         if bench:
             sections.append(Section(80, "The bench's own tables", [markdown_tables(bench)]))
         return sections
+
+
+def _threads_here(counts: list[int]) -> list[int]:
+    """``bench_threads`` without the counts above this machine's CPUs (oversubscribed rows measure contention, not
+    the model), said in the log; the smallest count stays if none fits."""
+    from edgedistill.system import available_cpus
+
+    cpus = len(available_cpus())
+    kept = [t for t in counts if t <= cpus] or [min(counts)]
+    if len(kept) < len(counts):
+        dropped = ", ".join(str(t) for t in counts if t not in kept)
+        log(f"bench: threads {dropped} not measured: {cpus} CPUs available here")
+    return kept
 
 
 def _methods_bench(settings: BenchSettings, upstream: Upstream, out: Path) -> None:

@@ -107,7 +107,7 @@ class TeacherStage(Stage[TeacherSettings, TeacherRecord]):
     settings = TeacherSettings
     record = TeacherRecord
     outputs = ("teacher",)
-    full_budget = {"train_tokens": 0, "heldout_tokens": 0}
+    full_budget = {"train_tokens": 131072, "heldout_tokens": 32768}  # --full's 64 steps of 8 x 256, each seen once
 
     def run(self, settings: TeacherSettings, upstream: Upstream) -> TeacherRecord:
         from edgedistill.deps import require
