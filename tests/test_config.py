@@ -171,12 +171,16 @@ def test_default_teacher_tokenizer_matches_llama_cpp_conventions():
 @pytest.mark.slow
 def test_a_gguf_teacher_is_converted_once_and_then_read_from_the_cache(tmp_path, tiny_teacher, monkeypatch):
     """The first load of a GGUF teacher stores its dequantized checkpoint; later loads of the configuration and the
-    weights read it and give the same model; a copy missing its weights is rebuilt; an unwritable cache only costs
-    the speed-up."""
+    weights read it and give the same model; a copy missing its weights is rebuilt (and a temporary copy a killed
+    process left a day ago is swept); an unwritable cache only costs the speed-up."""
+    import os
+    import time
+
     import torch
     from export_helpers import run_export
 
     from edgedistill.distill import teacher as teachers
+    from edgedistill.files import make_temp_dir
 
     assert run_export("gguf", str(tiny_teacher), "--quant", "f32", "--out", str(tmp_path / "g"), "--threads", "1") == 0
     source = teachers.resolve_teacher(str(next((tmp_path / "g").glob("*-f32.gguf"))))
@@ -194,10 +198,14 @@ def test_a_gguf_teacher_is_converted_once_and_then_read_from_the_cache(tmp_path,
     assert torch.equal(first(ids).logits, again(ids).logits)
     assert teachers.load_model(source, torch.bfloat16).dtype == torch.bfloat16
 
+    stale = make_temp_dir(stored.parent, stored.name)  # a copy of a process killed while saving, a day ago
+    os.utime(stale, (time.time() - 2 * teachers.STALE_TEMP_S,) * 2)
+    fresh = make_temp_dir(stored.parent, stored.name)  # one that may still be writing
     (stored / "model.safetensors").unlink()  # a damaged copy is not used, and the next load replaces it
     assert teachers.converted_checkpoint(source) is None
     assert torch.equal(teachers.load_model(source)(ids).logits, first(ids).logits)
     assert teachers.converted_checkpoint(source) == stored
+    assert not stale.exists() and fresh.exists()  # the rebuild swept the stale copy only
 
     blocked = tmp_path / "file-not-dir"
     blocked.write_text("")
