@@ -207,6 +207,8 @@ def _save_converted(source: TeacherSource, model: Any) -> None:
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
         _sweep_stale(final.parent)
+        if converted_checkpoint(source) is not None:  # another process stored it meanwhile
+            return
         if final.exists():  # a copy missing a file (deleted by hand): replace it
             remove_path(final)
         tmp = make_temp_dir(final.parent, final.name)
@@ -214,6 +216,6 @@ def _save_converted(source: TeacherSource, model: Any) -> None:
         fsync_tree(tmp)
         os.rename(tmp, final)  # fails if another process's copy landed first: keep that one
         fsync_dir(final.parent)
-    except OSError:
+    except Exception:  # the cache is a speed-up: the model itself loaded, so a failed save must not fail the load
         if tmp is not None:
             remove_path(tmp)
