@@ -245,7 +245,7 @@ def build_cache(
                 part = slice(start, start + batch_size)
                 chunk = records[part]
                 chunk["ids"], chunk["logprobs"], chunk["tail"], chunk["label"] = topk(rows[part], labels[part])
-                bar.update(rows[start : start + batch_size].size)
+                bar.update(rows[part].size)
             with atomic_open(final) as stream:
                 np.save(stream, records, allow_pickle=False)
             computed += rows.size
@@ -287,7 +287,7 @@ class TeacherCache:
         from the cache instead of running the teacher: cross-entropy over the supervised tokens (each weighs 1),
         perplexity, top-1 accuracy against the text and, with ``byte_lengths``, bits per byte, as
         :func:`~edgedistill.distill.evaluation.evaluate` scores a student."""
-        import math
+        from edgedistill.distill.evaluation import scores
 
         expected = self.manifest.split_sha256.get(split)
         if split not in self.manifest.splits or "label" not in self._shards[split][0].dtype.names:
@@ -299,18 +299,12 @@ class TeacherCache:
         records = self.records(split, slice(None))
         supervised = data.weights[:, 1:] > 0
         labels = data.ids[:, 1:][supervised]
-        tokens = max(1, int(supervised.sum()))
-        ce = -float(records["label"][supervised].astype(np.float64).sum())
-        result = {
-            "tokens": int(supervised.sum()),
-            "ce": ce / tokens,
-            "perplexity": math.exp(ce / tokens),
-            "top1_accuracy": float((records["ids"][..., 0][supervised] == labels).sum()) / tokens,
-        }
-        if byte_lengths is not None:
-            size = int(byte_lengths[labels].sum())
-            result.update(bytes=size, bits_per_byte=ce / math.log(2) / max(1, size))
-        return result
+        return scores(
+            -float(records["label"][supervised].astype(np.float64).sum()),
+            len(labels),
+            int((records["ids"][..., 0][supervised] == labels).sum()),
+            int(byte_lengths[labels].sum()) if byte_lengths is not None else None,
+        )
 
     def check_run(self, seq_len: int, data_sha256: str, tokenizer_hash: str) -> None:
         """Stop before training when the run's data, tokenizer or sequence length differ from the cache's."""

@@ -23,6 +23,22 @@ def supervised_batch(data: PackedData, rows: list[int] | slice, device: Any) -> 
     return ids[:, :-1].to(device), positions.to(device), labels.to(device), weights[positions].to(device)
 
 
+def scores(ce_sum: float, tokens: int, correct: int, size: int | None = None) -> dict[str, float]:
+    """Cross-entropy per token, perplexity and top-1 accuracy from a summed next-token loss (nats) over ``tokens``
+    supervised tokens of which ``correct`` were ranked first; with ``size`` (UTF-8 bytes of those tokens) bytes and
+    bits per byte. What :func:`evaluate` and ``TeacherCache.evaluate`` report."""
+    per_token = ce_sum / max(1, tokens)
+    result = {
+        "tokens": tokens,
+        "ce": per_token,
+        "perplexity": math.exp(per_token),
+        "top1_accuracy": correct / max(1, tokens),
+    }
+    if size is not None:
+        result.update(bytes=size, bits_per_byte=ce_sum / math.log(2) / max(1, size))
+    return result
+
+
 TeacherFor = Callable[[str, Any, Any, Any], "dict[str, Any] | None"]
 
 
@@ -113,14 +129,7 @@ def evaluate(
             if max_tokens and totals["tokens"] >= max_tokens:
                 break
     tokens = max(1, totals["tokens"])
-    result = {
-        "tokens": totals["tokens"],
-        "ce": totals["ce"] / tokens,
-        "perplexity": math.exp(totals["ce"] / tokens),
-        "top1_accuracy": totals["correct"] / tokens,
-    }
-    if lengths is not None:
-        result.update(bytes=totals["bytes"], bits_per_byte=totals["ce"] / math.log(2) / max(1, totals["bytes"]))
+    result = scores(totals["ce"], totals["tokens"], totals["correct"], totals["bytes"] if lengths is not None else None)
     if teacher_for is not None:
         result.update(kd_to_teacher=totals["kd"] / tokens, top1_agreement=totals["agree"] / tokens)
     student.train()

@@ -195,7 +195,7 @@ class DistillStage(Stage[DistillSettings, DistillRecord]):
         runs, derivations = {}, {}
         for task in tasks:
             if task.kind == "prune":
-                derivations[task.student_label] = _derived(task)
+                derivations[task.student_label] = _derived(task, results[task.name])
                 continue
             config, summary = task.config, results[task.name]
             runs[task.name] = StudentRun(
@@ -268,7 +268,7 @@ def _tasks(settings: DistillSettings, upstream: Upstream) -> list[Task]:
         for kind in RUNS if init is not None else ("kd", "ce"):
             start = init if RUNS[kind][1] else None
             config = _train_config(settings, upstream, student, kind, start)
-            after = (derived_dir(upstream.layout, student).name,) if start else ()
+            after = (Path(start).name,) if start else ()
             tasks.append(Task(Path(config.out).name, "train", config, student, after, derived=start is not None))
         if settings.chain and init is not None:
             source = str(student_dir(upstream.layout, student, True))
@@ -299,12 +299,8 @@ def _prune_config(settings: DistillSettings, upstream: Upstream, student: str, s
     )
 
 
-def _derived(task: Task) -> Derived:
-    import json
-
-    from edgedistill.distill.prune import PRUNE_RECORD
-
-    record = json.loads((Path(task.config.out) / PRUNE_RECORD).read_text(encoding="utf-8"))
+def _derived(task: Task, record: dict[str, Any]) -> Derived:
+    """A pruning task's summary, from the prune.json record it returned."""
     chosen = record["chosen"]
     return Derived(
         task.config.out, task.student, task.config.source, chosen["parameters"], chosen["shape"], record["seconds"]
