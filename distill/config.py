@@ -531,6 +531,11 @@ class PruneConfig(FlagConfig):
     rescale_norms: bool = setting(
         False, "rescale each RMSNorm by the RMS its input loses with the removed hidden channels"
     )
+    reconstruct: bool = setting(
+        False,
+        "refit the chosen student's matrices by least squares, layer by layer, towards the source's activations "
+        "(a far better start; after distillation the gain is small, see the README)",
+    )
     candidates: int = setting(12, "candidate shapes scored by their zero-shot loss")
     probe_top: int = setting(3, "best zero-shot candidates that get a short distillation probe")
     probe_steps: int = setting(8, "distillation steps of each probe (0: rank by zero-shot loss alone)")
