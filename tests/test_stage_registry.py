@@ -8,6 +8,7 @@ import dataclasses
 import json
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from bench_helpers import make_result, make_row
@@ -397,3 +398,18 @@ def test_a_failed_run_in_a_worker_stops_the_stage_with_its_one_line_error(
     with pytest.raises(EdgeDistillError, match="bad.jsonl:2"):
         run_tasks(tasks, 2, 2)
     assert (tmp_path / "run-0" / "train_summary.json").is_file()  # the other worker's run finished
+
+
+def test_exports_run_in_two_workers_and_come_back_in_the_jobs_order(tmp_path, tiny_teacher):
+    from edgedistill.stages.export import _export_all
+
+    jobs = [(f"model-{i}", str(tiny_teacher), "gguf", ["q8_0"], tmp_path / f"model-{i}") for i in range(2)]
+    artifacts = _export_all(jobs, 2, 2)
+    assert [(a.label, a.format, a.quantization) for a in artifacts] == [
+        ("model-0", "gguf", "q8_0"),
+        ("model-1", "gguf", "q8_0"),
+    ]
+    assert all(Path(a.path).is_file() and a.bytes == Path(a.path).stat().st_size for a in artifacts)
+    missing = ("missing", str(tmp_path / "no-such-model"), "gguf", ["q8_0"], tmp_path / "missing")
+    with pytest.raises(EdgeDistillError, match="no-such-model"):
+        _export_all([missing, jobs[0]], 2, 2)

@@ -55,7 +55,7 @@ class RunSettings:
     # measured on 2 cores (tiny, 8 steps): one run on 2 threads 767 tokens/s, two runs on 1 thread each 915 in all
     workers: int = setting(
         0,
-        "distillation runs (and prunings) at once, each in its own process with its share of the threads "
+        "distillation runs, prunings and exports at once, each in its own process with its share of the threads "
         "(0: 2 on a CPU with at least 2 cores, else 1)",
     )
     full: bool = setting(
