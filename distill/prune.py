@@ -399,14 +399,7 @@ def reconstruct(source_model: Any, student: Any, plan: PrunePlan, ids: torch.Ten
         handles.append(layer.post_attention_layernorm.register_forward_hook(record("mlp_in", i, True)))
         handles.append(layer.post_attention_layernorm.register_forward_hook(record("mid", i, False, hid)))
         handles.append(layer.register_forward_hook(record("out", i, True, hid)))
-    was_training = source_model.training
-    source_model.eval()
-    try:
-        source_model.model(input_ids=ids[:, :-1])
-    finally:
-        for handle in handles:
-            handle.remove()
-        source_model.train(was_training)
+    _hooked_forward(source_model, ids[:, :-1], handles)
 
     residual: dict[str, torch.Tensor] = {}
     handles = []
@@ -438,14 +431,20 @@ def reconstruct(source_model: Any, student: Any, plan: PrunePlan, ids: torch.Ten
         handles.append(dst.post_attention_layernorm.register_forward_hook(readers("mlp_in", mlp)))
         handles.append(dst.mlp.down_proj.register_forward_pre_hook(writer("mlp_in", "out")))
     student_ids = ids if plan.vocab is None else _to_student_ids(ids, plan.vocab, source_model.config.vocab_size)
-    was_training = student.training
-    student.eval()
+    _hooked_forward(student, student_ids[:, :-1], handles)
+
+
+def _hooked_forward(model: Any, inputs: torch.Tensor, handles: list[Any]) -> None:
+    """One forward of ``model``'s body over ``inputs`` in eval mode for the hooks of ``handles``, which are then
+    removed; the model's mode is restored."""
+    was_training = model.training
+    model.eval()
     try:
-        student.model(input_ids=student_ids[:, :-1])
+        model.model(input_ids=inputs)
     finally:
         for handle in handles:
             handle.remove()
-        student.train(was_training)
+        model.train(was_training)
 
 
 def _to_student_ids(ids: torch.Tensor, vocab: list[int], source_vocab: int) -> torch.Tensor:
