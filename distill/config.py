@@ -534,7 +534,7 @@ class PruneConfig(FlagConfig):
     reconstruct: bool = setting(
         False,
         "refit the chosen student's matrices by least squares, layer by layer, towards the source's activations "
-        "(a far better start; after distillation the gain is small, see the README)",
+        "(a far better start, for students trained little or not at all; distillation erases the lead, see the README)",
     )
     candidates: int = setting(12, "candidate shapes scored by their zero-shot loss")
     probe_top: int = setting(3, "best zero-shot candidates that get a short distillation probe")

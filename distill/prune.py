@@ -18,7 +18,7 @@ norm's weight is rescaled by the measured ratio of its input's RMS over the kept
 
 :func:`reconstruct` (``--reconstruct``) then refits the chosen student's matrices by least squares, layer by layer on
 its own activations, towards the teacher's: a far better start (the default teacher's `small`: 2.62 -> 1.77 held-out
-bits per byte before training) whose lead 32 distillation steps erase, so it is off by default.
+bits per byte before training) whose lead 32 distillation steps erase (and 64 reverse), so it is off by default.
 
 :func:`candidate_shapes` lists the shapes that meet a parameter target with widths that every GGUF quantization
 takes (multiples of 32; 256, the k-quants' super-block, preferred), and :func:`derive` ranks them by a probe (the
