@@ -16,9 +16,7 @@ everything kept it is the teacher exactly. Removing hidden channels changes what
 norm's weight is rescaled by the measured ratio of its input's RMS over the kept channels to that over all of them
 (``rescale_norms``), which keeps the norm's output at the teacher's scale on average.
 
-:func:`reconstruct` (``--reconstruct``) then refits the chosen student's matrices by least squares, layer by layer on
-its own activations, towards the teacher's: a far better start (the default teacher's `small`: 2.62 -> 1.77 held-out
-bits per byte before training) whose lead 32 distillation steps erase (and 64 reverse), so it is off by default.
+With ``reconstruct`` the winner is then refitted by least squares (:mod:`edgedistill.distill.reconstruct`).
 
 :func:`candidate_shapes` lists the shapes that meet a parameter target with widths that every GGUF quantization
 takes (multiples of 32; 256, the k-quants' super-block, preferred), and :func:`derive` ranks them by a probe (the
@@ -37,7 +35,7 @@ from typing import Any
 import torch
 
 from edgedistill.distill.config import LAYER_METRICS, PRESET_TOLERANCE, StudentShape
-from edgedistill.distill.vocab import VocabMap
+from edgedistill.distill.vocab import VocabMap, to_student_ids
 from edgedistill.errors import EdgeDistillError
 
 # Calibration (importance) and probe (candidate scoring) sequences of ``distill --init prune``; `edgedistill
@@ -230,6 +228,18 @@ class PrunePlan:
     norm_scale: list[float] = field(default_factory=list)  # per source norm (2 L + 1); empty: no rescaling
     vocab: list[int] | None = None  # the source's embedding rows kept (a trimmed vocabulary); None: all
 
+    def kept_rows(self, new: int, config: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The rows of the source (``config``: its configuration) that kept layer ``new`` holds: q_proj's,
+        k/v_proj's and gate/up_proj's."""
+        source = teacher_shape(config)
+        group, head_dim = source.num_attention_heads // source.num_key_value_heads, source.head_dim
+
+        def rows(units: list[int]) -> torch.Tensor:
+            return torch.cat([torch.arange(u * head_dim, (u + 1) * head_dim) for u in units])
+
+        groups = self.groups[new]
+        return rows([g * group + h for g in groups for h in range(group)]), rows(groups), torch.tensor(self.ffn[new])
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "layers": self.layers,
@@ -318,7 +328,7 @@ def slice_model(model: Any, plan: PrunePlan) -> Any:
     copy(student.model.embed_tokens.weight, model.model.embed_tokens.weight[vocab][:, hid])
     for new, old_index in enumerate(plan.layers):
         old, dst = model.model.layers[old_index], student.model.layers[new]
-        q_rows, kv_rows, ffn_rows = _kept_rows(plan, new, source)
+        q_rows, kv_rows, ffn_rows = plan.kept_rows(new, model.config)
         copy(dst.input_layernorm.weight, old.input_layernorm.weight[hid] * scales[2 * old_index])
         copy(dst.post_attention_layernorm.weight, old.post_attention_layernorm.weight[hid] * scales[2 * old_index + 1])
         attn, new_attn = old.self_attn, dst.self_attn
@@ -337,127 +347,6 @@ def slice_model(model: Any, plan: PrunePlan) -> Any:
     return student
 
 
-def _kept_rows(plan: PrunePlan, new: int, source: StudentShape) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The source's rows (q_proj, k/v_proj, gate/up_proj) that kept layer ``new`` of ``plan`` holds."""
-    group, head_dim = source.num_attention_heads // source.num_key_value_heads, source.head_dim
-
-    def rows(units: list[int]) -> torch.Tensor:
-        return torch.cat([torch.arange(u * head_dim, (u + 1) * head_dim) for u in units])
-
-    groups = plan.groups[new]
-    return rows([g * group + h for g in groups for h in range(group)]), rows(groups), torch.tensor(plan.ffn[new])
-
-
-# Ridge of the refits, relative to the mean diagonal of each Gram matrix: on the default teacher's derived `small`
-# (416 x 20) it gave a probe loss of 5.06, against 5.14 at 1e-3 and 5.15 at 1e-1 (7.33 sliced only).
-RECONSTRUCT_RIDGE = 1e-2
-# Calibration rows the refit reads (the first ones): the source's activations it keeps grow with them, and 32 x 256
-# tokens already fix a few hundred unknowns per output.
-RECONSTRUCT_ROWS = 32
-
-
-def _solve(features: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """The ridge least-squares ``M`` with ``features @ M ~ target`` (float64)."""
-    gram = features.T @ features
-    gram.diagonal().add_(RECONSTRUCT_RIDGE * gram.diagonal().mean().clamp_min(1e-30))
-    return torch.linalg.solve(gram, features.T @ target)
-
-
-@torch.no_grad()
-def reconstruct(source_model: Any, student: Any, plan: PrunePlan, ids: torch.Tensor) -> None:
-    """Refit in place, by ridge least squares on ``ids`` ([N, T+1] calibration rows in the source's ids), the
-    matrices of ``student`` (sliced from ``source_model`` by ``plan``) that touch a pruned dimension.
-
-    Layer by layer, within one forward of the student over all the rows, each on the student's own inputs, so
-    that a layer corrects what the ones before it missed: q/k/v and gate/up map the student's normalised input to
-    the source's projections of its full one (whose RMS the removed channels shared); o_proj and down_proj map the
-    kept heads' (neurons') outputs to what brings the student's residual stream to the source's after the same
-    layer, so the kept layers also take up what the removed ones added. Embeddings, norms and the head are
-    unchanged. SlimGPT and FLAP compensate pruned structures by least squares one layer at a time; the sequential
-    residual targets are ours. Costs one forward of the source and one of the student over ``ids``, and memory
-    for the source's activations at the kept layers (4 float32 values per token, channel and kept layer, each
-    freed once its layer is refitted)."""
-    source = teacher_shape(source_model.config)
-    hid = torch.tensor(plan.hidden, device=ids.device)
-    seen: dict[tuple[str, int], torch.Tensor] = {}
-
-    def flat(value: torch.Tensor) -> torch.Tensor:
-        return value.detach().reshape(-1, value.shape[-1]).double()
-
-    def record(key: str, index: int, output: bool, channels: torch.Tensor | None = None) -> Any:
-        def hook(module: Any, args: Any, out: Any) -> None:
-            value = (_hidden_states(out) if output else args[0]).detach()
-            value = value.reshape(-1, value.shape[-1]).float()  # float32 until solved: half the memory
-            seen[key, index] = value if channels is None else value[:, channels]
-
-        return hook
-
-    handles = []
-    for i in plan.layers:  # the source's normalised inputs and its residual stream (kept channels) around layer i
-        layer = source_model.model.layers[i]
-        handles.append(layer.input_layernorm.register_forward_hook(record("attn_in", i, True)))
-        handles.append(layer.post_attention_layernorm.register_forward_hook(record("mlp_in", i, True)))
-        handles.append(layer.post_attention_layernorm.register_forward_hook(record("mid", i, False, hid)))
-        handles.append(layer.register_forward_hook(record("out", i, True, hid)))
-    _hooked_forward(source_model, ids[:, :-1], handles)
-
-    residual: dict[str, torch.Tensor] = {}
-    handles = []
-    for new, old_index in enumerate(plan.layers):
-        old, dst = source_model.model.layers[old_index], student.model.layers[new]
-        q_rows, kv_rows, ffn_rows = _kept_rows(plan, new, source)
-
-        def readers(key: str, names: tuple[tuple[str, torch.Tensor], ...], i: int = old_index, old=old, dst=dst) -> Any:
-            def hook(module: Any, args: Any, out: Any) -> None:
-                residual[key] = flat(args[0])  # the student's residual stream entering this norm
-                mapping = _solve(flat(out), seen.pop((key, i)).double())  # [student width, source width]
-                for name, rows in names:
-                    weight = dst.get_submodule(name).weight
-                    weight.copy_((old.get_submodule(name).weight.double()[rows] @ mapping.T).to(weight.dtype))
-
-            return hook
-
-        def writer(key: str, target: str, i: int = old_index) -> Any:
-            def hook(module: Any, args: Any) -> None:
-                mapping = _solve(flat(args[0]), seen.pop((target, i)).double() - residual[key])
-                module.weight.copy_(mapping.T.to(module.weight.dtype))
-
-            return hook
-
-        attention = (("self_attn.q_proj", q_rows), ("self_attn.k_proj", kv_rows), ("self_attn.v_proj", kv_rows))
-        handles.append(dst.input_layernorm.register_forward_hook(readers("attn_in", attention)))
-        handles.append(dst.self_attn.o_proj.register_forward_pre_hook(writer("attn_in", "mid")))
-        mlp = (("mlp.gate_proj", ffn_rows), ("mlp.up_proj", ffn_rows))
-        handles.append(dst.post_attention_layernorm.register_forward_hook(readers("mlp_in", mlp)))
-        handles.append(dst.mlp.down_proj.register_forward_pre_hook(writer("mlp_in", "out")))
-    student_ids = ids if plan.vocab is None else _to_student_ids(ids, plan.vocab, source_model.config.vocab_size)
-    _hooked_forward(student, student_ids[:, :-1], handles)
-
-
-def _hooked_forward(model: Any, inputs: torch.Tensor, handles: list[Any]) -> None:
-    """One forward of ``model``'s body over ``inputs`` in eval mode for the hooks of ``handles``, which are then
-    removed; the model's mode is restored."""
-    was_training = model.training
-    model.eval()
-    try:
-        model.model(input_ids=inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
-
-
-def _to_student_ids(ids: torch.Tensor, vocab: list[int], source_vocab: int) -> torch.Tensor:
-    """``ids`` (the source's) in a trimmed student's ids (its rows ``vocab``); every id must be kept."""
-    mapping = torch.full((source_vocab,), -1, dtype=torch.long, device=ids.device)
-    mapping[torch.tensor(vocab, device=ids.device)] = torch.arange(len(vocab), device=ids.device)
-    mapped = mapping[ids]
-    if bool((mapped < 0).any()):
-        raise EdgeDistillError("prune: the calibration rows use tokens the trimmed vocabulary dropped")
-    return mapped
-
-
-# ------------------------------------------------------------------------------------------------- shapes
 def parameter_count(shape: StudentShape, vocab_size: int, tied: bool = True) -> int:
     return shape.parameter_count(vocab_size) + (0 if tied else vocab_size * shape.hidden_size)
 
@@ -591,7 +480,7 @@ class PruneSettings:
 
     layer_metric: str = "influence"
     rescale_norms: bool = False
-    reconstruct: bool = False  # refit the chosen student's matrices by least squares (:func:`reconstruct`)
+    reconstruct: bool = False  # refit the chosen student by least squares (:mod:`~edgedistill.distill.reconstruct`)
     candidates: int = 12  # shapes scored by zero-shot loss (the most promising by a cheap prior)
     probe_top: int = 3  # of those, the best few given ``probe_steps`` distillation steps
     probe_steps: int = 8
@@ -678,12 +567,8 @@ def derive(
     vocab = source_model.config.vocab_size if vocab_rows is None else len(vocab_rows)
     rows = None if vocab_rows is None else [int(i) for i in vocab_rows]
     student_probe = probe
-    if vocab_rows is not None:  # the candidates read the probe rows in their own ids
-        to_student = torch.full((source_model.config.vocab_size,), -1, dtype=torch.long, device=probe.device)
-        to_student[vocab_rows.to(probe.device)] = torch.arange(len(vocab_rows), device=probe.device)
-        student_probe = to_student[probe]
-        if bool((student_probe < 0).any()):
-            raise EdgeDistillError("prune: the probe rows use tokens the trimmed vocabulary dropped")
+    if rows is not None:  # the candidates read the probe rows in their own ids
+        student_probe = to_student_ids(probe, rows, source_model.config.vocab_size, "the probe data")
     importance = measure_importance(source_model, calibration, settings.batch_size, settings.layer_metric)
     importance_seconds = time.perf_counter() - started
     if shape is not None:
@@ -736,6 +621,8 @@ def derive(
     student = slice_model(source_model, plan)
     chosen = best.to_dict()
     if settings.reconstruct:  # the winner only: refitting every candidate would cost a forward of each
+        from edgedistill.distill.reconstruct import RECONSTRUCT_ROWS, reconstruct
+
         begun = time.perf_counter()
         reconstruct(source_model, student, plan, calibration[:RECONSTRUCT_ROWS])
         chosen.update(

@@ -98,6 +98,15 @@ class VocabMap:
 
 
 # ---------------------------------------------------------------------------------------------------- choosing
+def to_student_ids(ids: Any, vocab: list[int], teacher_size: int, where: str) -> Any:
+    """Teacher token ids (a torch tensor) in the ids of a student keeping the rows ``vocab``, on the same device, as
+    :meth:`VocabMap.student_ids` maps them: a dropped id stops with an error naming ``where``."""
+    import torch
+
+    mapped = VocabMap(np.asarray(vocab), teacher_size).student_ids(ids.cpu().numpy(), where)
+    return torch.from_numpy(mapped).to(ids.device)
+
+
 def _spec(tokenizer: Any) -> dict[str, Any]:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
