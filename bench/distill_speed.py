@@ -119,7 +119,7 @@ def _time_steps(
     from edgedistill.distill.data import PackedData
     from edgedistill.distill.evaluation import supervised_batch
     from edgedistill.distill.heads import DistillationObjective, SupervisedLogits, release_free_memory, teacher_signal
-    from edgedistill.distill.train import make_optimizer, train_step
+    from edgedistill.distill.steps import make_optimizer, train_step
 
     objective = DistillationObjective(student, config, chunked=not args.unchunked, dtype=student_dtype)
     teacher_head = SupervisedLogits(teacher) if args.alpha < 1 else None

@@ -24,7 +24,7 @@ A phase's ``data`` (paths as ``--data``'s, relative to the working directory, el
 is tokenized, split and budgeted as the run's data (``seq_len``, ``val_fraction``, ``train_tokens``; a trimmed
 student's tokenizer) and the phase trains on its training split; the held-out evaluation at the end stays the
 run's. A phase's batches are a pure function of (seed, phase index, step within the phase): its own
-:class:`~edgedistill.distill.train.BatchOrder` seeded by :func:`phase_seed` (phase 0 keeps the run's seed, so a
+:class:`~edgedistill.distill.steps.BatchOrder` seeded by :func:`phase_seed` (phase 0 keeps the run's seed, so a
 one-phase schedule trains exactly as no schedule). Feature projections exist for the union of every phase's layer
 pairs (one optimizer state, one checkpoint); a phase uses its own pairs. A teacher-cache run's phases train on the
 cache's data only.

@@ -18,6 +18,7 @@ from edgedistill.distill import prune
 from edgedistill.distill.config import StudentShape
 from edgedistill.distill.data import PackedData, load_eval_data, token_byte_lengths
 from edgedistill.distill.evaluation import evaluate
+from edgedistill.distill.shapes import candidate_shapes, parameter_count, select_candidates, shape_dict
 
 VOCAB = len(make_tokenizer())
 HEAD_DIM = 16
@@ -312,7 +313,7 @@ def test_rescaled_norms_use_the_measured_rms_ratio():
 def test_candidate_shapes_meet_the_target_with_quantizable_widths():
     source = StudentShape(256, 4, 8, 4, 512, head_dim=32)
     target = source.parameter_count(VOCAB) / 4
-    shapes = prune.candidate_shapes(source, VOCAB, target, tolerance=0.05)
+    shapes = candidate_shapes(source, VOCAB, target, tolerance=0.05)
     assert len(shapes) >= 5 and len(set(shapes)) == len(shapes)
     for shape in shapes:
         assert abs(shape.parameter_count(VOCAB) / target - 1) <= 0.05, shape
@@ -322,17 +323,17 @@ def test_candidate_shapes_meet_the_target_with_quantizable_widths():
         assert shape.hidden_size <= 256 and shape.intermediate_size <= 512 and shape.num_hidden_layers <= 4
     assert any(s.hidden_size != s.num_attention_heads * s.head_dim for s in shapes)
     # an untied head counts its own vocabulary rows
-    untied = prune.candidate_shapes(source, VOCAB, target, tolerance=0.05, tied=False)
+    untied = candidate_shapes(source, VOCAB, target, tolerance=0.05, tied=False)
     for shape in untied:
         assert abs((shape.parameter_count(VOCAB) + VOCAB * shape.hidden_size) / target - 1) <= 0.05
-    assert prune.candidate_shapes(source, VOCAB, 10.0) == []  # far below the smallest embedding
+    assert candidate_shapes(source, VOCAB, 10.0) == []  # far below the smallest embedding
 
-    chosen = prune.select_candidates(shapes, source, limit=4)
+    chosen = select_candidates(shapes, source, limit=4)
     assert len(chosen) == 4 and len(set(chosen)) == 4 and set(chosen) <= set(shapes)
     widths = {s.hidden_size for s in shapes}
-    everything = prune.select_candidates(shapes, source, limit=len(shapes) + 3)
+    everything = select_candidates(shapes, source, limit=len(shapes) + 3)
     assert sorted(everything, key=str) == sorted(shapes, key=str)
-    spread = prune.select_candidates(shapes, source, limit=len(widths))
+    spread = select_candidates(shapes, source, limit=len(widths))
     assert {s.hidden_size for s in spread} == widths  # one per hidden width before any second of a width
 
 
@@ -342,8 +343,8 @@ def test_parameter_count_equals_the_sliced_models_parameters():
     assert source.head_dim == 32
     assert source.parameter_count(VOCAB) == sum(p.numel() for p in model.parameters())
     importance = prune.measure_importance(model, _ids(rows=2), batch_size=2)
-    shapes = prune.candidate_shapes(source, VOCAB, source.parameter_count(VOCAB) / 2, tolerance=0.05)
-    picked = prune.select_candidates(shapes, source, limit=4)
+    shapes = candidate_shapes(source, VOCAB, source.parameter_count(VOCAB) / 2, tolerance=0.05)
+    picked = select_candidates(shapes, source, limit=4)
     assert any(s.hidden_size != s.num_attention_heads * s.head_dim for s in picked)
     for shape in picked:
         student = prune.slice_model(model, prune.make_plan(importance, source, shape, "influence", False))
@@ -353,7 +354,7 @@ def test_parameter_count_equals_the_sliced_models_parameters():
 
 def test_derive_scores_candidates_and_keeps_the_best_probe():
     model = _source_model(seed=7)
-    target = prune.parameter_count(StudentShape(32, 2, 2, 1, 64, head_dim=16), VOCAB)
+    target = parameter_count(StudentShape(32, 2, 2, 1, 64, head_dim=16), VOCAB)
     settings = prune.PruneSettings(candidates=3, probe_top=2, probe_steps=2, batch_size=4, tolerance=0.1)
     derivation = prune.derive(model, target, _ids(rows=4, seed=1), _ids(rows=4, seed=2), settings)
     record = derivation.record
@@ -367,7 +368,7 @@ def test_derive_scores_candidates_and_keeps_the_best_probe():
     best_zero_shot = sorted(c["zero_shot_loss"] for c in candidates)[:2]
     assert sorted(c["zero_shot_loss"] for c in probed) == best_zero_shot
     best = min(probed, key=lambda c: c["probe_loss"])
-    assert record["chosen"]["shape"] == best["shape"] == prune.shape_dict(derivation.shape)
+    assert record["chosen"]["shape"] == best["shape"] == shape_dict(derivation.shape)
     assert sum(p.numel() for p in derivation.student.parameters()) == record["chosen"]["parameters"]
     assert record["source"]["parameters"] == sum(p.numel() for p in model.parameters())
     # the chosen student is the zero-shot slice (probes train copies), so its loss is the recorded zero-shot loss

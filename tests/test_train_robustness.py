@@ -226,7 +226,7 @@ def test_a_loss_that_becomes_infinite_stops_the_run_and_keeps_the_last_good_chec
     from transformers import AutoTokenizer
 
     from edgedistill.distill.data import load_data
-    from edgedistill.distill.train import BatchOrder
+    from edgedistill.distill.steps import BatchOrder
 
     plain = [{"text": f"{line} Example number {i}."} for i in range(20) for line in TRAINING_TEXT]
     data = write_jsonl(tmp_path / "d.jsonl", plain[:40] + [{"text": "so <think>here</think> it is"}] + plain[40:])

@@ -319,6 +319,18 @@ def resolve_workers(workers: int, device: str) -> int:
     return 2 if len(available_cpus()) >= 2 else 1
 
 
+def worker_pool(workers: int, threads: int) -> tuple[Any, int]:
+    """A pool of ``workers`` spawned processes (no forked copy of this process's torch threads) and each one's
+    share of ``threads`` (0: the CPUs this process may use)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from edgedistill.system import available_cpus
+
+    share = max(1, (threads or len(available_cpus())) // workers)
+    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")), share
+
+
 def run_task(kind: str, config: Any, progress: bool = True) -> dict[str, Any]:
     """Run one task (in this process or a worker's); returns prune.json's record or train_summary.json."""
     if kind == "prune":
@@ -357,21 +369,17 @@ def run_tasks(tasks: list[Task], workers: int, threads: int) -> dict[str, dict[s
     with its error once the running ones end; finished runs and prunings are kept and reused by a rerun."""
     import dataclasses
 
-    from edgedistill.system import available_cpus
-
     results: dict[str, dict[str, Any]] = {}
     if workers <= 1 or len(tasks) <= 1:
         for task in tasks:
             log(f"distill: {_describe_task(task)}")
             results[task.name] = run_task(task.kind, task.config)
         return results
-    import multiprocessing
-    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    from concurrent.futures import FIRST_COMPLETED, wait
 
-    share = max(1, (threads or len(available_cpus())) // workers)
     pending, running = sorted(tasks, key=_critical_first(tasks)), {}
-    context = multiprocessing.get_context("spawn")  # no forked copy of this process's torch threads
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+    pool, share = worker_pool(workers, threads)
+    with pool:
         while pending or running:
             for task in [t for t in pending if all(a in results for a in t.after)][: workers - len(running)]:
                 pending.remove(task)

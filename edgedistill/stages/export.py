@@ -13,7 +13,7 @@ from edgedistill.bench.report import markdown_table
 from edgedistill.config import setting
 from edgedistill.errors import EdgeDistillError
 from edgedistill.stages.base import Record, Section, Stage, Upstream, check_strings, log
-from edgedistill.stages.distill import DistillSettings, resolve_workers, student_dir
+from edgedistill.stages.distill import DistillSettings, resolve_workers, student_dir, worker_pool
 from edgedistill.stages.teacher import TeacherSettings
 
 EXPORT = "export"
@@ -90,14 +90,8 @@ def _export_all(jobs: list[tuple[str, str, str, list[str], Path]], workers: int,
     rewrites, file writes), so two at once on 2 cores shorten the stage; a failed job stops it with its error."""
     if workers <= 1 or len(jobs) <= 1:
         return [artifact for job in jobs for artifact in _export(*job, threads)]
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    from edgedistill.system import available_cpus
-
-    share = max(1, (threads or len(available_cpus())) // workers)
-    context = multiprocessing.get_context("spawn")  # no forked copy of this process's torch threads
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+    pool, share = worker_pool(workers, threads)
+    with pool:
         futures = [pool.submit(_export, *job, share) for job in jobs]
         try:
             return [artifact for future in futures for artifact in future.result()]
